@@ -1,0 +1,14 @@
+# The two quick-start commands: `make run` and `make test`. Each sets everything up first.
+.PHONY: setup setup-dev run test
+
+setup:
+	bash scripts/setup.sh
+
+setup-dev:
+	bash scripts/setup.sh --dev
+
+run: setup
+	.venv/bin/infini --help
+
+test: setup-dev
+	.venv/bin/python -m pytest

@@ -1,0 +1,240 @@
+"""InfiniAttention: the attention of a Hugging Face decoder layer, retrofitted with memory.
+
+It reuses the layer's own projections (and Gemma 3's q/k norms), so with the gate closed
+and the input inside one segment it computes what the base model computes. Two kinds:
+
+- memory layers (every global layer): causal attention inside the current segment (and,
+  with `xl_window`, the whole previous one) plus the compressive memory of all earlier
+  segments, mixed by a learned gate per query head;
+- sliding layers (Gemma 3's local layers): their sliding window, carried across calls.
+
+RoPE only ever sees positions inside the local window (they restart at every window),
+because rotary angles at absolute positions in the millions lose fp32 precision.
+Keys are cached before RoPE and rotated at their window position when used.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .memory import RULES, feature_map, infini_memory, memory_read, memory_update
+from .memory.naive import group_queries
+from .state import LayerState
+
+
+@dataclass(frozen=True)
+class InfiniConfig:
+    """How a model is retrofitted. `InfiniConfig.paper()` is the paper's exact formulation."""
+
+    segment_len: int = 512
+    rule: str = "delta"
+    # memory Q/K projections of its own, initialised as copies of the attention's
+    own_memory_qk: bool = True
+    # learnable per-KV-head sharpness of the feature map: sigma(exp(tau) * x), tau = 0 at start
+    sharpness: bool = True
+    # local attention also sees the whole previous segment (Transformer-XL's cache)
+    xl_window: bool = True
+    # gate = sigmoid(gate_init): closed (the base model's output within one segment), yet
+    # its gradient (sigmoid'(-10) ~ 5e-5) is large enough for Adam to open it
+    gate_init: float = -10.0
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown memory rule {self.rule!r}; expected one of {RULES}")
+        if self.segment_len < 1:
+            raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
+
+    @classmethod
+    def paper(cls, **overrides) -> "InfiniConfig":
+        """Munkhdalai et al. 2024: shared Q/K, plain ELU + 1, attention inside the segment only."""
+        return cls(**{"own_memory_qk": False, "sharpness": False, "xl_window": False, **overrides})
+
+
+class RopeTable:
+    """cos/sin of window positions 0..n-1 from the base model's own rotary module, shared by
+    all layers (not an nn.Module, so the rotary module is not registered twice)."""
+
+    def __init__(self, rotary: nn.Module):
+        self.rotary = rotary
+        self.takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, n: int, like: torch.Tensor, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (like.dtype, like.device, layer_type)
+        cached = self.cache.get(key)
+        if cached is None or cached[0].shape[0] < n:
+            size = max(n, 2 * cached[0].shape[0] if cached else 1024)
+            positions = torch.arange(size, device=like.device)[None]
+            extra = (layer_type,) if self.takes_layer_type else ()
+            with torch.no_grad():
+                cos, sin = self.rotary(like, positions, *extra)
+            cached = self.cache[key] = (cos[0], sin[0])
+        return cached[0][:n], cached[1][:n]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the half-split layout used by Llama, Qwen2 and Gemma 3."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class InfiniAttention(nn.Module):
+    def __init__(self, attn: nn.Module, config: InfiniConfig, n_heads: int, n_kv_heads: int,
+                 rope: RopeTable, layer_type: str | None, sliding_window: int | None):
+        super().__init__()
+        if getattr(attn, "attn_logit_softcapping", None) is not None:
+            raise ValueError("attention logit soft-capping is not supported")
+        self.config = config
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = attn.q_proj.out_features // n_heads
+        self.scaling = attn.scaling
+        self.layer_type = layer_type
+        self.sliding_window = sliding_window
+        self.has_memory = sliding_window is None
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        self._rope = rope
+        # the state of the stream this layer reads; bound by infini_core.model for a document
+        self.state: LayerState | None = None
+        if self.has_memory:
+            like = attn.q_proj.weight
+            self.memory_gate = nn.Parameter(torch.full((n_heads,), config.gate_init, dtype=like.dtype, device=like.device))
+            if config.own_memory_qk:
+                self.memory_q_proj = copy.deepcopy(attn.q_proj)
+                self.memory_k_proj = copy.deepcopy(attn.k_proj)
+            if config.sharpness:
+                self.memory_tau = nn.Parameter(torch.zeros(n_kv_heads, dtype=like.dtype, device=like.device))
+
+    # -- projections -------------------------------------------------------------------
+
+    def _heads(self, x: torch.Tensor, proj: nn.Module, norm: nn.Module | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        y = proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        return norm(y) if norm is not None else y
+
+    def _memory_qk(self, x, q, k):
+        """Memory queries and keys before RoPE, with the sharpness folded in."""
+        if self.config.own_memory_qk:
+            q = self._heads(x, self.memory_q_proj, self.q_norm)
+            k = self._heads(x, self.memory_k_proj, self.k_norm)
+        if self.config.sharpness:
+            scale = self.memory_tau.exp()[None, :, None, None]
+            q = q * scale.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            k = k * scale
+        return q, k
+
+    # -- local attention ---------------------------------------------------------------
+
+    def _attend(self, q, k, v, q_start: int) -> torch.Tensor:
+        """Causal attention of q (window positions q_start..) over k, v (positions 0..); all
+        before RoPE. Sliding layers also drop keys `sliding_window` or more tokens back."""
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        cos, sin = self._rope.get(n_k, q, self.layer_type)
+        q = rotate(q, cos[q_start:], sin[q_start:])
+        k = rotate(k, cos, sin)
+        mask = None
+        if q_start or self.sliding_window is not None:
+            i = torch.arange(q_start, q_start + n_q, device=q.device)[:, None]
+            j = torch.arange(n_k, device=q.device)[None]
+            mask = j <= i
+            if self.sliding_window is not None:
+                mask &= j > i - self.sliding_window
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
+        )
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor, *args, cache=None, past_key_values=None, **kwargs):
+        if cache is not None or past_key_values is not None:
+            raise RuntimeError(
+                "an Infini-attention model keeps its own state: call it with use_cache=False, "
+                "or use infini_core.answer / infini_core.model.forward to continue a stream"
+            )
+        state = self.state if self.state is not None else LayerState()
+        x = hidden_states
+        q = self._heads(x, self.q_proj, self.q_norm)
+        k = self._heads(x, self.k_proj, self.k_norm)
+        v = self._heads(x, self.v_proj, None)
+        if self.has_memory:
+            mq, mk = self._memory_qk(x, q, k)
+            out = self._memory_layer(state, q, k, v, mq, mk)
+        else:
+            out = self._sliding_layer(state, q, k, v)
+        out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
+        return self.o_proj(out), None
+
+    def _sliding_layer(self, state: LayerState, q, k, v) -> torch.Tensor:
+        outs = []
+        step = self.config.segment_len  # bounds the mask at step x (window + step)
+        for start in range(0, q.shape[2], step):
+            piece = slice(start, start + step)
+            wk, wv = state.window_with(k[:, :, piece], v[:, :, piece])
+            n_old = wk.shape[2] - k[:, :, piece].shape[2]
+            outs.append(self._attend(q[:, :, piece], wk, wv, n_old))
+            state.keep_window(wk, wv, self.sliding_window - 1)
+        return torch.cat(outs, dim=2)
+
+    def _memory_layer(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
+        n = self.config.segment_len
+        if state.M is None:
+            state.init_memory(k, v.shape[-1])
+        outs, start, t = [], 0, q.shape[2]
+        while start < t:
+            room = n - state.segment_tokens
+            if room == n and t - start >= 2 * n and (state.has_window or not self.config.xl_window):
+                # several whole segments: all of them at once (layer-parallel)
+                count = (t - start) // n * n
+                outs.append(self._whole_segments(state, *(x[:, :, start:start + count] for x in (q, k, v, mq, mk))))
+                start += count
+                continue
+            piece = slice(start, start + min(room, t - start))
+            outs.append(self._segment_piece(state, q[:, :, piece], k[:, :, piece], v[:, :, piece], mq[:, :, piece], mk[:, :, piece]))
+            start = piece.stop
+        return torch.cat(outs, dim=2)
+
+    def _mix(self, local: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.memory_gate.float())[None, :, None, None]
+        return (g * mem.float() + (1 - g) * local.float()).to(local.dtype)
+
+    def _segment_piece(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
+        """Tokens that all belong to the current segment: attend, read, and write the
+        segment into the memory once it is complete."""
+        wk, wv = state.local_with(k, v, self.config.xl_window)
+        local = self._attend(q, wk, wv, wk.shape[2] - k.shape[2])
+        sq = group_queries(feature_map(mq), self.n_kv_heads)
+        mem = memory_read(sq, state.M.unsqueeze(2), state.z.unsqueeze(2)).flatten(1, 2)
+        state.append_segment(k, v, mk)
+        if state.segment_tokens == self.config.segment_len:
+            seg_k, seg_v, seg_mk = state.take_segment(self.config.xl_window)
+            state.M, state.z = memory_update(state.M, state.z, feature_map(seg_mk), seg_v, self.config.rule)
+        return self._mix(local, mem)
+
+    def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
+        """S whole segments starting at a segment boundary, each attending to itself (and
+        its predecessor with xl_window) as one batch, the memory through the dispatch op."""
+        b, hq, t, d = q.shape
+        n, s = self.config.segment_len, t // self.config.segment_len
+
+        def per_segment(x):  # [B, H, S*N, D] -> [B*S, H, N, D]
+            return x.unflatten(2, (s, n)).transpose(1, 2).flatten(0, 1)
+
+        qs, ks, vs = per_segment(q), per_segment(k), per_segment(v)
+        if self.config.xl_window:
+            prev_k = torch.cat([state.win_k.unsqueeze(1), ks.unflatten(0, (b, s))[:, :-1]], 1).flatten(0, 1)
+            prev_v = torch.cat([state.win_v.unsqueeze(1), vs.unflatten(0, (b, s))[:, :-1]], 1).flatten(0, 1)
+            local = self._attend(qs, torch.cat([prev_k, ks], 2), torch.cat([prev_v, vs], 2), n)
+        else:
+            local = self._attend(qs, ks, vs, 0)
+        local = local.unflatten(0, (b, s)).transpose(1, 2).flatten(2, 3)
+        mem, (state.M, state.z) = infini_memory(mq, mk, v, n, self.config.rule, (state.M, state.z))
+        if self.config.xl_window:
+            state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
+        return self._mix(local, mem)

@@ -1,0 +1,39 @@
+"""Feeding a document through a converted model piece by piece, carrying its state."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .convert import infini_layers
+from .state import LayerState
+
+
+def new_layer_states(model: nn.Module) -> list[LayerState]:
+    return [LayerState() for _ in infini_layers(model)]
+
+
+@contextmanager
+def bound(model: nn.Module, layer_states: list[LayerState]):
+    """Make the model's layers read and update these states while inside the block."""
+    layers = infini_layers(model)
+    if len(layers) != len(layer_states):
+        raise ValueError(f"state has {len(layer_states)} layers, the model {len(layers)}")
+    for attn, state in zip(layers, layer_states):
+        attn.state = state
+    try:
+        yield
+    finally:
+        for attn in layers:
+            attn.state = None
+
+
+def forward(model: nn.Module, input_ids: torch.Tensor, layer_states: list[LayerState], logits: bool = True):
+    """Continue the stream with input_ids [B, T]: the next-token logits (or, with
+    logits=False, the last hidden states: no LM head, as ingest needs)."""
+    with bound(model, layer_states):
+        if logits:
+            return model(input_ids=input_ids, use_cache=False).logits
+        return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state

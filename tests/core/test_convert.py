@@ -1,0 +1,127 @@
+"""The retrofit against Hugging Face's own forward, and its training-readiness."""
+
+import copy
+
+import pytest
+import torch
+
+from infini_core import InfiniConfig, convert_to_infini, gate_parameters, memory_parameters
+from infini_core.attention import InfiniAttention
+from infini_core.stream import forward, new_layer_states
+from tests.tiny_models import ARCHS, VOCAB, tiny_model
+
+CONFIGS = {"default": InfiniConfig(segment_len=32), "paper": InfiniConfig.paper(segment_len=32, rule="linear")}
+
+
+def ids(batch, length, seed=0):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", CONFIGS)
+def test_closed_gate_within_one_segment_equals_hugging_face(arch, variant):
+    base = tiny_model(arch)
+    x = ids(2, 30)  # longer than gemma3's sliding window of 6
+    with torch.no_grad():
+        expected = base(x).logits
+        got = convert_to_infini(copy.deepcopy(base), CONFIGS[variant])(x).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_local_attention_per_segment_equals_hugging_face_on_that_window(arch):
+    """Gate closed: segment s sees itself (paper) or also segment s-1 (xl_window),
+    exactly what Hugging Face computes on that window alone. One layer, because in a
+    deeper model the previous segment's keys carry its own predecessor's context."""
+    base = tiny_model(arch, num_hidden_layers=1)
+    n, x = 8, ids(1, 40)
+    with torch.no_grad():
+        paper = convert_to_infini(copy.deepcopy(base), InfiniConfig.paper(segment_len=n, gate_init=-30))(x).logits
+        xl = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=n, gate_init=-30))(x).logits
+        for s in range(0, 40, n):
+            torch.testing.assert_close(paper[:, s:s + n], base(x[:, s:s + n]).logits, atol=1e-5, rtol=0)
+            start = max(0, s - n)
+            torch.testing.assert_close(xl[:, s:s + n], base(x[:, start:s + n]).logits[:, s - start:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+@pytest.mark.parametrize("xl_window", [True, False])
+def test_streaming_in_pieces_equals_one_pass(arch, rule, xl_window):
+    """One pass (whole segments at once through the dispatch op), uneven pieces and
+    token-by-token decoding (segment by segment through naive.py's primitives) agree."""
+    model = convert_to_infini(tiny_model(arch), InfiniConfig(segment_len=8, rule=rule, xl_window=xl_window, gate_init=0.0))
+    x = ids(2, 61)
+    with torch.no_grad():
+        whole = model(x).logits
+        pieces_state, tokens_state = new_layer_states(model), new_layer_states(model)
+        pieces = [forward(model, x[:, a:b], pieces_state) for a, b in [(0, 5), (5, 13), (13, 14), (14, 40), (40, 61)]]
+        tokens = [forward(model, x[:, i:i + 1], tokens_state) for i in range(61)]
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(tokens, 1), whole, atol=1e-5, rtol=0)
+    for a, b in zip(pieces_state, tokens_state):
+        if a.M is not None:
+            torch.testing.assert_close(a.M, b.M, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(a.z, b.z, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", CONFIGS)
+def test_open_gate_backpropagates_through_time(variant):
+    """A loss on the last segment reaches the first segment's keys through the memory."""
+    cfg = CONFIGS[variant]
+    model = convert_to_infini(tiny_model("llama"), InfiniConfig(**{**cfg.__dict__, "segment_len": 8, "gate_init": 0.0}))
+    x = ids(1, 32)
+    embeds = model.get_input_embeddings()(x).detach().requires_grad_()
+    key_outputs = []
+
+    def keep_keys(module, inputs, out):
+        out.retain_grad()
+        key_outputs.append(out)
+
+    key_proj = "memory_k_proj" if cfg.own_memory_qk else "k_proj"
+    hook = getattr(model.model.layers[0].self_attn, key_proj).register_forward_hook(keep_keys)
+    logits = model(inputs_embeds=embeds).logits
+    hook.remove()
+    logits[:, 24:].logsumexp(-1).sum().backward()  # the 4th segment only
+    first_keys_grad = key_outputs[0].grad[:, :8]
+    assert first_keys_grad.abs().sum() > 0
+    # segment 0 lies beyond what two layers of xl windows reach: only the memory carries it
+    assert embeds.grad[:, :8].abs().sum() > 0
+    for gate in gate_parameters(model):
+        assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_memory_parameters_are_separately_addressable():
+    model = convert_to_infini(tiny_model("llama"), InfiniConfig())
+    names = set(memory_parameters(model))
+    assert {n.rsplit(".", 2)[-2] if n.endswith((".weight", ".bias")) else n.rsplit(".", 1)[-1] for n in names} == {
+        "memory_gate", "memory_tau", "memory_q_proj", "memory_k_proj"}
+    assert len(gate_parameters(model)) == 2
+    paper = convert_to_infini(tiny_model("llama"), InfiniConfig.paper())
+    assert {n.rsplit(".", 1)[-1] for n in memory_parameters(paper)} == {"memory_gate"}
+
+
+def test_gemma3_memory_only_on_global_layers():
+    model = convert_to_infini(tiny_model("gemma3"), InfiniConfig())
+    kinds = [(attn.has_memory, attn.sliding_window) for attn in (l.self_attn for l in model.model.layers)]
+    assert kinds == [(False, 6), (True, None), (False, 6), (True, None)]
+
+
+def test_no_nan_or_inf_over_1000_segments_of_extreme_inputs():
+    model = convert_to_infini(tiny_model("llama"), InfiniConfig(segment_len=2, gate_init=3.0))
+    x = ids(1, 2000)
+    embeds = (model.get_input_embeddings()(x) * 1e4).detach().requires_grad_()
+    logits = model(inputs_embeds=embeds).logits
+    logits[:, -2:].sum().backward()
+    assert torch.isfinite(logits).all() and torch.isfinite(embeds.grad).all()
+
+
+def test_refuses_what_it_cannot_do():
+    model = convert_to_infini(tiny_model("llama"), InfiniConfig())
+    with pytest.raises(ValueError, match="already converted"):
+        convert_to_infini(model)
+    with pytest.raises(RuntimeError, match="keeps its own state"):
+        model(ids(1, 4), use_cache=True)
+    with pytest.raises(ValueError, match="rule"):
+        InfiniConfig(rule="quadratic")
+    assert all(isinstance(l.self_attn, InfiniAttention) for l in model.model.layers)
