@@ -163,6 +163,8 @@ class InfiniAttention(nn.Module):
         q = self._heads(x, self.q_proj, self.q_norm)
         k = self._heads(x, self.k_proj, self.k_norm)
         v = self._heads(x, self.v_proj, None)
+        if not state.started:
+            state.init(k, v, self.has_memory)
         if self.has_memory:
             mq, mk = self._memory_qk(x, q, k)
             out = self._memory_layer(state, q, k, v, mq, mk)
@@ -184,8 +186,6 @@ class InfiniAttention(nn.Module):
 
     def _memory_layer(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         n = self.config.segment_len
-        if state.M is None:
-            state.init_memory(k, v.shape[-1])
         outs, start, t = [], 0, q.shape[2]
         while start < t:
             room = n - state.segment_tokens

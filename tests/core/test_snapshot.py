@@ -1,0 +1,209 @@
+"""Read once, answer forever: streaming ingest, snapshots, answers from a snapshot."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from infini_core import InfiniConfig
+from infini_core.answer import Passage, answer, build_prompt
+from infini_core.ingest import ingest, new_state
+from infini_core.loading import load_model
+from infini_core.state import CorruptStateError, MemoryState, StateFormatError, StateMismatchError
+from infini_core.stream import forward
+from tests.tiny_models import save_tiny_checkpoint
+
+TEXT = " ".join(f"Line {i}: the lighthouse keeper read page {i} of the old book in the lamp room." for i in range(40))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    m = load_model(checkpoint, infini=InfiniConfig(segment_len=16, gate_init=0.0), device="cpu")
+    return m
+
+
+def next_logits(model, state):
+    with torch.no_grad():
+        return forward(model.lm, torch.tensor([[5]]), state.clone().layers)[0, -1]
+
+
+def assert_same_state(a: MemoryState, b: MemoryState):
+    """fp32 atol 1e-6, scaled by the tensor's largest entry where that is above 1: M and z
+    sum thousands of terms (entries ~1e2) and their rounding scales with them."""
+    assert a.tokens == b.tokens
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        atol = 1e-6 * max(1.0, tb[key].abs().max().item())
+        torch.testing.assert_close(ta[key], tb[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+
+
+def test_three_pieces_with_save_and_load_between_equal_one_pass(model, tmp_path):
+    ids = model.tokenizer(TEXT).input_ids
+    assert len(ids) > 20 * model.config.segment_len
+    whole = ingest(model, ids)
+    state, cuts = None, [0, 137, 301, len(ids)]  # not on segment boundaries
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        state = ingest(model, ids[a:b], state)
+        state.save(tmp_path / f"part{i}.infini")
+        state = MemoryState.load(tmp_path / f"part{i}.infini", model.fingerprint)
+    assert_same_state(state, whole)
+    torch.testing.assert_close(next_logits(model, state), next_logits(model, whole), atol=1e-6, rtol=0)
+
+
+def test_resuming_from_any_checkpoint_gives_the_same_final_state(model, tmp_path):
+    ids = model.tokenizer(TEXT).input_ids
+    saved = []
+
+    def keep(state):
+        path = tmp_path / f"ckpt{len(saved)}.infini"
+        state.save(path)
+        saved.append(path)
+
+    whole = ingest(model, ids, checkpoint_every=3, on_checkpoint=keep)
+    assert len(saved) == len(ids) // (3 * model.config.segment_len)
+    for path in saved:
+        resumed = MemoryState.load(path, model.fingerprint)
+        assert resumed.tokens % (3 * model.config.segment_len) == 0
+        resumed = ingest(model, ids[resumed.tokens:], resumed)
+        assert_same_state(resumed, whole)
+
+
+def test_progress_reports_tokens_and_rate(model):
+    seen = []
+    ingest(model, TEXT, on_progress=seen.append)
+    assert seen[-1].tokens_done == seen[-1].tokens_total == len(model.tokenizer(TEXT).input_ids)
+    assert all(p.tokens_per_s > 0 for p in seen) and seen[-1].eta_s == 0
+    assert [p.tokens_done for p in seen] == sorted(p.tokens_done for p in seen)
+
+
+def test_state_size_does_not_grow_with_the_document(model, tmp_path):
+    ids = model.tokenizer(TEXT).input_ids
+    short, long = ingest(model, ids[:200]), ingest(model, ids[:200] * 8)
+    assert short.nbytes == long.nbytes
+    short.save(tmp_path / "s.infini"), long.save(tmp_path / "l.infini")
+    assert (tmp_path / "s.infini").stat().st_size == (tmp_path / "l.infini").stat().st_size
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from infini_core import InfiniConfig
+from infini_core.ingest import ingest
+from infini_core.loading import load_model
+model = load_model(sys.argv[1], infini=InfiniConfig(segment_len=64), device="cpu")
+ids = torch.randint(3, 250, (int(sys.argv[2]),))
+ingest(model, ids[:4096])  # warm up allocator and kernels
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ingest(model, ids)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, before)
+"""
+
+
+def test_peak_memory_of_ingest_does_not_grow_with_length(checkpoint):
+    """Peak RSS of reading 16K and 128K tokens, each in a fresh process."""
+    growth = {}
+    for n in (16_384, 131_072):
+        out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(checkpoint), str(n)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        growth[n] = int(out[0]) / 1024  # MiB above the warmed-up process
+    # 8x the tokens: the peak grows by far less than the 8x a growing cache would cost
+    print("peak RSS growth MiB", growth)
+    assert growth[131_072] < 8 + 2 * growth[16_384], growth
+
+
+def test_bad_states_raise_their_specific_errors(model, checkpoint, tmp_path):
+    state = ingest(model, TEXT)
+    good = tmp_path / "good.infini"
+    state.save(good)
+    data = good.read_bytes()
+
+    (tmp_path / "trunc.infini").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptStateError, match="truncated or damaged"):
+        MemoryState.load(tmp_path / "trunc.infini")
+
+    altered = bytearray(data)
+    altered[-100] ^= 0x01
+    (tmp_path / "altered.infini").write_bytes(bytes(altered))
+    with pytest.raises(CorruptStateError, match="checksum"):
+        MemoryState.load(tmp_path / "altered.infini")
+
+    (tmp_path / "text.infini").write_text("not a snapshot at all")
+    with pytest.raises(StateFormatError, match="not a memory snapshot"):
+        MemoryState.load(tmp_path / "text.infini")
+
+    future = data.replace(b'"version":"1"', b'"version":"9"')
+    (tmp_path / "future.infini").write_bytes(future)
+    with pytest.raises(StateFormatError, match="format version 9"):
+        MemoryState.load(tmp_path / "future.infini")
+
+    other_segments = load_model(checkpoint, infini=InfiniConfig(segment_len=32, gate_init=0.0), device="cpu")
+    with pytest.raises(StateMismatchError, match="segment_len=16"):
+        MemoryState.load(good, other_segments.fingerprint)
+    with pytest.raises(StateMismatchError):
+        ingest(other_segments, "more text", state)
+
+    other_weights = load_model(save_tiny_checkpoint(tmp_path / "other", seed=1), device="cpu",
+                               infini=InfiniConfig(segment_len=16, gate_init=0.0))
+    with pytest.raises(StateMismatchError, match="base weights differ"):
+        MemoryState.load(good, other_weights.fingerprint)
+    with pytest.raises(StateMismatchError):
+        list(answer(other_weights, state, "question?"))
+
+
+def test_answer_streams_and_never_changes_the_snapshot(model):
+    state = ingest(model, TEXT)
+    before = {k: v.clone() for k, v in state.tensors().items()}
+    first = list(answer(model, state, "What did the keeper read?", max_new_tokens=12))
+    second = list(answer(model, state, "What did the keeper read?", max_new_tokens=12))
+    assert first == second and len(first) >= 1 and all(isinstance(p, str) for p in first)
+    after = state.tensors()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_answer_equals_greedy_decoding_of_the_prompt_after_the_document(model):
+    """The streamed answer is the greedy continuation of document + chat prompt."""
+    passages = [Passage("The keeper's password was marmalade.", "7")]
+    state = ingest(model, TEXT)
+    streamed = "".join(answer(model, state, "What was the password?", passages, max_new_tokens=8))
+    tok = model.tokenizer
+    text = tok.apply_chat_template(build_prompt("What was the password?", passages), add_generation_prompt=True,
+                                   tokenize=False)
+    ids = tok(TEXT).input_ids + tok(text, add_special_tokens=False).input_ids
+    out = []
+    with torch.no_grad():
+        for _ in range(8):  # greedy over the whole sequence again, no state carried between steps
+            nxt = int(model.lm(torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt in model.stop_ids:
+                break
+            out.append(nxt)
+    assert streamed == tok.decode(out, skip_special_tokens=True)
+
+
+def test_prompt_places_passages_with_pages_before_the_question():
+    messages = build_prompt("Who is Anna?", [Passage("Anna lived in Porto.", "12"), Passage("She wrote.", "14-15")])
+    user = messages[-1]["content"]
+    assert user.index("[page 12] Anna lived in Porto.") < user.index("[page 14-15] She wrote.") < user.index(
+        "Question: Who is Anna?")
+    assert build_prompt("Q?")[-1]["content"] == "Question: Q?"
+
+
+@pytest.mark.slow
+def test_default_model_answers_from_its_snapshot(tmp_path):
+    model = load_model(device="cpu")
+    assert model.stop_ids == (2,)  # <|im_end|>, not the GGUF tokenizer's EOS
+    assert model.tokenizer("Hello").input_ids[0] != model.tokenizer.bos_token_id  # no BOS for SmolLM2
+    text = ("The lighthouse keeper kept one secret all his life: the password to the lamp room was marmalade. "
+            "He told only his daughter Anna, who lived in Porto.")
+    state = ingest(model, text)
+    state.save(tmp_path / "book.infini")
+    state = MemoryState.load(tmp_path / "book.infini", model.fingerprint)
+    reply = "".join(answer(model, state, "What was the password to the lamp room?", max_new_tokens=24))
+    assert "marmalade" in reply.lower()
+    assert json.loads(json.dumps(state.fingerprint))["source"]["model"] == "smollm2-135m-instruct"

@@ -1,0 +1,146 @@
+"""`infini`: read a book once into a snapshot, then ask it questions, on this machine.
+
+    infini ingest BOOK.pdf -o book.infini     read a PDF, TXT or EPUB (progress, tokens/s, ETA)
+    infini ask book.infini "question"         stream an answer from the snapshot
+    infini info book.infini                   tokens, size, model, checksum
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_ERROR = 1
+
+
+def _load(args, source: dict | None = None):
+    from infini_core import InfiniConfig
+    from infini_core.loading import DEFAULT_MODEL, load_model
+
+    source = source or {}
+    model = args.model or source.get("model") or DEFAULT_MODEL
+    adapter = args.adapter or source.get("adapter")
+    conversion = InfiniConfig(**args.conversion) if getattr(args, "conversion", None) else None
+    return load_model(model, infini=conversion, adapter=adapter)
+
+
+def cmd_ingest(args) -> None:
+    from tqdm import tqdm
+
+    from infini_core.ingest import ingest
+    from storage.parsing import parse_document
+
+    pages = parse_document(args.document, password=args.password)
+    out = Path(args.output or Path(args.document).with_suffix(".infini").name)
+    fields = {"segment_len": args.segment_len, "rule": args.rule}
+    args.conversion = {k: v for k, v in fields.items() if v is not None}
+    model = _load(args)
+    tokens = [t for ids in _page_tokens(model, pages) for t in ids]
+    with tqdm(total=len(tokens), unit="tok", unit_scale=True, desc=f"reading {Path(args.document).name}",
+              disable=args.quiet) as bar:
+        state = ingest(model, tokens, on_progress=lambda p: bar.update(p.tokens_done - bar.n))
+    sha = state.save(out)
+    print(f"{out}: {state.tokens:,} tokens from {len(pages)} pages, {out.stat().st_size / 2**20:.1f} MiB, "
+          f"sha256 {sha[:16]}")
+
+
+def _page_tokens(model, pages):
+    from infini_core.ingest import document_tokens
+
+    return document_tokens(model, [p.text + "\n\n" for p in pages], at_start=True)
+
+
+def cmd_ask(args) -> None:
+    from infini_core.answer import answer
+    from infini_core.state import MemoryState, read_state_file
+
+    import json
+
+    meta, _ = read_state_file(args.snapshot)  # fails early, before the model loads
+    model = _load(args, json.loads(meta["fingerprint"]).get("source"))
+    state = MemoryState.load(args.snapshot, model.fingerprint, device=model.device, dtype=model.lm.dtype)
+    for piece in answer(model, state, args.question, max_new_tokens=args.max_new_tokens):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_info(args) -> None:
+    import json
+
+    from infini_core.state import read_state_file
+
+    meta, tensors = read_state_file(args.snapshot)
+    fp = json.loads(meta["fingerprint"])
+    conv = fp["conversion"]
+    rows = {
+        "file": args.snapshot,
+        "size": f"{os.path.getsize(args.snapshot) / 2**20:.2f} MiB",
+        "tokens": f"{int(meta['tokens']):,}",
+        "model": f"{fp['source']['model']} ({fp['architecture']}, weights {fp['weights'][:12]})",
+        "adapter": fp["source"]["adapter"] or "none (gates closed: memory unused)",
+        "memory": f"{conv['rule']} rule, segments of {conv['segment_len']} tokens, "
+                  f"{sum(1 for k in tensors if k.endswith('.M'))} memory layers",
+        "dtype": meta.get("dtype", "?"),
+        "sha256": meta["sha256"],
+    }
+    width = max(map(len, rows))
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infini", description="Read a document once, answer from its memory.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_options(sp):
+        sp.add_argument("--model", help="default model name or a local Hugging Face checkpoint folder")
+        sp.add_argument("--adapter", help="memory adapter (.safetensors) trained for the model")
+
+    ing = sub.add_parser("ingest", help="read a document (PDF, TXT, EPUB) into a snapshot")
+    ing.add_argument("document")
+    ing.add_argument("-o", "--output", help="snapshot file (default: DOCUMENT.infini here)")
+    ing.add_argument("--password", help="password of an encrypted PDF")
+    ing.add_argument("--segment-len", type=int, help="tokens per memory segment")
+    ing.add_argument("--rule", choices=["linear", "delta"], help="memory update rule")
+    ing.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    model_options(ing)
+    ing.set_defaults(run=cmd_ingest)
+
+    ask = sub.add_parser("ask", help="answer a question from a snapshot")
+    ask.add_argument("snapshot")
+    ask.add_argument("question")
+    ask.add_argument("--max-new-tokens", type=int, default=256)
+    model_options(ask)
+    ask.set_defaults(run=cmd_ask)
+
+    info = sub.add_parser("info", help="what a snapshot holds")
+    info.add_argument("snapshot")
+    info.set_defaults(run=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from infini_core.loading import ModelLoadError
+    from infini_core.state import StateError
+    from storage.parsing import DocumentError
+
+    try:
+        args.run(args)
+    except FileNotFoundError as e:
+        print(f"infini: error: {e.filename}: no such file", file=sys.stderr)
+        return EXIT_ERROR
+    except (DocumentError, StateError, ModelLoadError, ValueError) as e:
+        print(f"infini: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("infini: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
