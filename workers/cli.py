@@ -15,15 +15,19 @@ from pathlib import Path
 EXIT_ERROR = 1
 
 
-def _load(args, source: dict | None = None):
+def _load(args, source: dict | None = None, conversion: dict | None = None):
+    from transformers.utils import logging as hf_logging
+
     from infini_core import InfiniConfig
     from infini_core.loading import DEFAULT_MODEL, load_model
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    hf_logging.set_verbosity_error()
 
     source = source or {}
     model = args.model or source.get("model") or DEFAULT_MODEL
     adapter = args.adapter or source.get("adapter")
-    conversion = InfiniConfig(**args.conversion) if getattr(args, "conversion", None) else None
-    return load_model(model, infini=conversion, adapter=adapter)
+    return load_model(model, infini=InfiniConfig(**conversion) if conversion else None, adapter=adapter)
 
 
 def cmd_ingest(args) -> None:
@@ -35,8 +39,7 @@ def cmd_ingest(args) -> None:
     pages = parse_document(args.document, password=args.password)
     out = Path(args.output or Path(args.document).with_suffix(".infini").name)
     fields = {"segment_len": args.segment_len, "rule": args.rule}
-    args.conversion = {k: v for k, v in fields.items() if v is not None}
-    model = _load(args)
+    model = _load(args, conversion={k: v for k, v in fields.items() if v is not None})
     tokens = [t for ids in _page_tokens(model, pages) for t in ids]
     with tqdm(total=len(tokens), unit="tok", unit_scale=True, desc=f"reading {Path(args.document).name}",
               disable=args.quiet) as bar:
@@ -59,7 +62,8 @@ def cmd_ask(args) -> None:
     import json
 
     meta, _ = read_state_file(args.snapshot)  # fails early, before the model loads
-    model = _load(args, json.loads(meta["fingerprint"]).get("source"))
+    made_by = json.loads(meta["fingerprint"])
+    model = _load(args, made_by.get("source"), made_by.get("conversion"))
     state = MemoryState.load(args.snapshot, model.fingerprint, device=model.device, dtype=model.lm.dtype)
     for piece in answer(model, state, args.question, max_new_tokens=args.max_new_tokens):
         sys.stdout.write(piece)
