@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from .memory import RULES, feature_map, infini_memory, memory_read, memory_update
 from .memory.naive import group_queries
@@ -132,23 +133,26 @@ class InfiniAttention(nn.Module):
 
     # -- local attention ---------------------------------------------------------------
 
-    def _attend(self, q, k, v, q_start: int) -> torch.Tensor:
-        """Causal attention of q (window positions q_start..) over k, v (positions 0..); all
-        before RoPE. Sliding layers also drop keys `sliding_window` or more tokens back."""
+    def _attend(self, q, k, v) -> torch.Tensor:
+        """Causal attention of q, the last tokens of the window, over the window's k, v;
+        all before RoPE. Sliding layers also drop keys `sliding_window` or more back."""
         n_q, n_k = q.shape[-2], k.shape[-2]
+        q_start = n_k - n_q
         cos, sin = self._rope.get(n_k, q, self.layer_type)
         q = rotate(q, cos[q_start:], sin[q_start:])
         k = rotate(k, cos, sin)
-        mask = None
-        if q_start or self.sliding_window is not None:
-            i = torch.arange(q_start, q_start + n_q, device=q.device)[:, None]
+        sdpa = dict(scale=self.scaling, enable_gqa=True)
+        if self.sliding_window is not None:
+            i = torch.arange(q_start, n_k, device=q.device)[:, None]
             j = torch.arange(n_k, device=q.device)[None]
-            mask = j <= i
-            if self.sliding_window is not None:
-                mask &= j > i - self.sliding_window
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True
-        )
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.sliding_window), **sdpa)
+        if q_start == 0 or n_q == 1:  # plain causal, or one new token that sees everything
+            return F.scaled_dot_product_attention(q, k, v, is_causal=n_q > 1, **sdpa)
+        # causal aligned to the window's end: flash/efficient kernels take this without a
+        # dense mask, but not with grouped heads, so those are expanded
+        groups = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=self.scaling)
 
     # -- forward -----------------------------------------------------------------------
 
@@ -179,8 +183,7 @@ class InfiniAttention(nn.Module):
         for start in range(0, q.shape[2], step):
             piece = slice(start, start + step)
             wk, wv = state.window_with(k[:, :, piece], v[:, :, piece])
-            n_old = wk.shape[2] - k[:, :, piece].shape[2]
-            outs.append(self._attend(q[:, :, piece], wk, wv, n_old))
+            outs.append(self._attend(q[:, :, piece], wk, wv))
             state.keep_window(wk, wv, self.sliding_window - 1)
         return torch.cat(outs, dim=2)
 
@@ -208,7 +211,7 @@ class InfiniAttention(nn.Module):
         """Tokens that all belong to the current segment: attend, read, and write the
         segment into the memory once it is complete."""
         wk, wv = state.local_with(k, v, self.config.xl_window)
-        local = self._attend(q, wk, wv, wk.shape[2] - k.shape[2])
+        local = self._attend(q, wk, wv)
         sq = group_queries(feature_map(mq), self.n_kv_heads)
         mem = memory_read(sq, state.M.unsqueeze(2), state.z.unsqueeze(2)).flatten(1, 2)
         state.append_segment(k, v, mk)
@@ -230,9 +233,9 @@ class InfiniAttention(nn.Module):
         if self.config.xl_window:
             prev_k = torch.cat([state.win_k.unsqueeze(1), ks.unflatten(0, (b, s))[:, :-1]], 1).flatten(0, 1)
             prev_v = torch.cat([state.win_v.unsqueeze(1), vs.unflatten(0, (b, s))[:, :-1]], 1).flatten(0, 1)
-            local = self._attend(qs, torch.cat([prev_k, ks], 2), torch.cat([prev_v, vs], 2), n)
+            local = self._attend(qs, torch.cat([prev_k, ks], 2), torch.cat([prev_v, vs], 2))
         else:
-            local = self._attend(qs, ks, vs, 0)
+            local = self._attend(qs, ks, vs)
         local = local.unflatten(0, (b, s)).transpose(1, 2).flatten(2, 3)
         mem, (state.M, state.z) = infini_memory(mq, mk, v, n, self.config.rule, (state.M, state.z))
         if self.config.xl_window:
