@@ -167,8 +167,7 @@ class InfiniAttention(nn.Module):
         q = self._heads(x, self.q_proj, self.q_norm)
         k = self._heads(x, self.k_proj, self.k_norm)
         v = self._heads(x, self.v_proj, None)
-        if not state.started:
-            state.init(k, v, self.has_memory)
+        state.init(k, v, self.has_memory)
         if self.has_memory:
             mq, mk = self._memory_qk(x, q, k)
             out = self._memory_layer(state, q, k, v, mq, mk)

@@ -61,10 +61,10 @@ def ingest(
 ) -> MemoryState:
     """Stream `document` through the model after whatever `state` already holds.
 
-    Work goes in blocks of `block_segments` whole segments, so memory use is bounded by
-    the block, not by the document. Every `checkpoint_every` segments `on_checkpoint`
-    gets the live state (save it; ingesting the rest of the document into a reloaded
-    checkpoint gives the same final state as one pass).
+    Whole segments go through in blocks of `block_segments`, so memory use is bounded by
+    the block, not by the document; the unfinished last segment waits in `state.pending`.
+    Every `checkpoint_every` segments `on_checkpoint` gets the live state (save it; reading
+    the rest of the document into a reloaded checkpoint gives the same final state).
     """
     state = state if state is not None else new_state(model)
     state.check_compatible(model.fingerprint)
@@ -78,30 +78,41 @@ def ingest(
     else:
         pieces = document_tokens(model, document, state.tokens == 0)
 
-    done, started, buffer = 0, time.perf_counter(), []
+    done, started = 0, time.perf_counter()
 
-    def feed(ids: list[int]) -> None:
+    def report() -> None:
+        if on_progress:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            eta = max(total_tokens - done, 0) / rate if total_tokens is not None and rate else None
+            on_progress(Progress(done, total_tokens, rate, eta))
+
+    def run(ids: list[int]) -> None:
+        """Whole segments through the model (no LM head)."""
         nonlocal done
         before = state.tokens
         forward(model.lm, torch.tensor([ids], device=model.device), state.layers, logits=False)
         state.tokens += len(ids)
         done += len(ids)
-        if on_progress:
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            eta = (total_tokens - done) / rate if total_tokens is not None else None
-            on_progress(Progress(done, total_tokens, rate, eta))
-        if on_checkpoint and checkpoint_every and state.tokens // (checkpoint_every * n) > before // (checkpoint_every * n):
+        report()
+        every = (checkpoint_every or 0) * n
+        if on_checkpoint and every and state.tokens // every > before // every:
             on_checkpoint(state)
 
+    buffer, state.pending = state.pending, []
+    state.tokens -= len(buffer)  # pending tokens are counted again as they run
     with torch.no_grad():
         for ids in pieces:
             buffer.extend(ids)
-            # blocks end on segment boundaries, so whole segments go through at once
-            while len(buffer) >= (size := block - state.tokens % n):
-                feed(buffer[:size])
-                del buffer[:size]
-        if buffer:
-            feed(buffer)
-    if done == 0:
+            while len(buffer) >= block:
+                run(buffer[:block])
+                del buffer[:block]
+        whole = len(buffer) // n * n
+        if whole:
+            run(buffer[:whole])
+    state.pending = buffer[whole:]
+    state.tokens += len(state.pending)
+    done += len(state.pending)
+    report()
+    if state.tokens == 0:
         raise ValueError("the document has no text to read")
     return state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,10 +34,6 @@ class LayerState:
     seg_mk: torch.Tensor | None = None
 
     @property
-    def started(self) -> bool:
-        return self.win_k is not None
-
-    @property
     def segment_tokens(self) -> int:
         return self.seg_k.shape[2]
 
@@ -46,13 +42,16 @@ class LayerState:
         return self.win_k.shape[2] > 0
 
     def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool) -> None:
-        """Empty windows (and memory) shaped after this layer's keys and values."""
-        self.win_k, self.win_v = k[:, :, :0], v[:, :, :0]
-        if memory:
+        """Fill in what is missing (a new stream, or empty parts a snapshot leaves out),
+        shaped after this layer's keys and values."""
+        if self.win_k is None:
+            self.win_k, self.win_v = k[:, :, :0], v[:, :, :0]
+        if memory and self.seg_k is None:
+            self.seg_k, self.seg_v, self.seg_mk = k[:, :, :0], v[:, :, :0], k[:, :, :0]
+        if memory and self.M is None:
             b, h, _, dk = k.shape
             self.M = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float32, device=k.device)
             self.z = torch.zeros(b, h, dk, dtype=torch.float32, device=k.device)
-            self.seg_k, self.seg_v, self.seg_mk = k[:, :, :0], v[:, :, :0], k[:, :, :0]
 
     # sliding layers
     def window_with(self, k, v):
@@ -104,36 +103,36 @@ class StateMismatchError(StateError):
 
 @dataclass
 class MemoryState:
-    """What a document leaves behind: per layer (M, z) and local windows, the number of
-    tokens consumed, and what it belongs to. Its size does not depend on the document's
-    length (the local windows are at most two segments)."""
+    """What a document leaves behind: per layer (M, z) and local windows, the tokens read,
+    and what it belongs to. Reading runs whole segments only: the tokens of the unfinished
+    last segment wait in `pending` and go through the model in front of whatever comes
+    next (more text, or a question). So a snapshot holds no half segment, and its size
+    does not depend on the document's length."""
 
     layers: list[LayerState]
     fingerprint: dict
-    tokens: int = 0
+    tokens: int = 0  # read so far, pending included
+    pending: list[int] = field(default_factory=list)
 
     @property
     def segment_len(self) -> int:
         return self.fingerprint["conversion"]["segment_len"]
-
-    @property
-    def rule(self) -> str:
-        return self.fingerprint["conversion"]["rule"]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
             f"layers.{i}.{name}": getattr(layer, name)
             for i, layer in enumerate(self.layers)
             for name in _FIELDS
-            if getattr(layer, name) is not None
+            if getattr(layer, name) is not None and getattr(layer, name).numel()
         }
 
     def stored_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        """The tensors as saved: local windows zero-padded to a whole segment (a sliding
-        window may be longer), so a snapshot's size does not depend on where the document
-        ended; plus the true window lengths."""
+        """The tensors as saved: windows and pending tokens zero-padded to a whole segment
+        (a sliding window may be longer), so that a snapshot's size does not depend on
+        where the document ended; plus their true lengths."""
         tensors, lengths = {}, {}
-        for key, t in self.tensors().items():
+        pending = torch.tensor(self.pending, dtype=torch.int64).view(1, 1, -1, 1)
+        for key, t in {**self.tensors(), "pending": pending}.items():
             if key.endswith((".M", ".z")):
                 tensors[key] = t
                 continue
@@ -149,7 +148,7 @@ class MemoryState:
     def clone(self) -> "MemoryState":
         layers = [LayerState(**{n: None if getattr(l, n) is None else getattr(l, n).detach().clone() for n in _FIELDS})
                   for l in self.layers]
-        return MemoryState(layers, dict(self.fingerprint), self.tokens)
+        return MemoryState(layers, dict(self.fingerprint), self.tokens, list(self.pending))
 
     def check_compatible(self, fingerprint: dict) -> None:
         """Refuse, with the reason, a state made by anything but this model and conversion."""
@@ -170,12 +169,15 @@ class MemoryState:
         """Write safetensors with JSON metadata and a sha256 over both; returns the sha256."""
         from safetensors.torch import save
 
+        if any(layer.seg_k is not None and layer.seg_k.shape[2] for layer in self.layers):
+            raise StateError("a state in the middle of a segment cannot be saved; ingest() leaves none")
         tensors, lengths = self.stored_tensors()
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        window_dtype = next((t.dtype for k, t in tensors.items() if ".win_" in k), None)
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "tokens": str(self.tokens),
-                "lengths": json.dumps(lengths, sort_keys=True),
-                "dtype": str(next((t.dtype for k, t in tensors.items() if "win_" in k or "seg_" in k), "none")),
-                "layers": str(len(self.layers)), "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+                "layers": str(len(self.layers)), "lengths": json.dumps(lengths, sort_keys=True),
+                "dtype": str(window_dtype).removeprefix("torch."),
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
         meta["sha256"] = _checksum(tensors, meta)
         tmp = f"{path}.tmp"
         with open(tmp, "wb") as f:  # write-then-rename: a crash never leaves half a snapshot
@@ -188,10 +190,11 @@ class MemoryState:
     @classmethod
     def load(cls, path, fingerprint: dict | None = None, device=None, dtype=None) -> "MemoryState":
         """Read and verify a state; with `fingerprint`, also refuse one made for another model.
-        `dtype` is the model's: the local windows follow it, M and z stay fp32."""
+        `dtype` is the model's: the windows follow it, M and z stay fp32."""
         meta, tensors = read_state_file(path)
-        layers = [LayerState() for _ in range(int(meta["layers"]))]
         lengths = json.loads(meta["lengths"])
+        pending = tensors.pop("pending")[0, 0, :lengths["pending"], 0].tolist()
+        layers = [LayerState() for _ in range(int(meta["layers"]))]
         for key, value in tensors.items():
             _, i, name = key.split(".")
             if key in lengths:
@@ -199,7 +202,7 @@ class MemoryState:
             if dtype is not None and name not in ("M", "z"):
                 value = value.to(dtype)
             setattr(layers[int(i)], name, value.to(device) if device is not None else value)
-        state = cls(layers, json.loads(meta["fingerprint"]), int(meta["tokens"]))
+        state = cls(layers, json.loads(meta["fingerprint"]), int(meta["tokens"]), pending)
         if fingerprint is not None:
             state.check_compatible(fingerprint)
         return state

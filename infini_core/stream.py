@@ -37,3 +37,13 @@ def forward(model: nn.Module, input_ids: torch.Tensor, layer_states: list[LayerS
         if logits:
             return model(input_ids=input_ids, use_cache=False).logits
         return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def continue_stream(model, state, ids: list[int], logits: bool = True):
+    """Run a MemoryState's pending tokens and then `ids` (a prompt, say) through the model,
+    updating the state; returns the logits (or last hidden states) of `ids` only."""
+    run = state.pending + list(ids)
+    out = forward(model.lm, torch.tensor([run], device=model.device), state.layers, logits=logits)
+    state.pending = []
+    state.tokens += len(ids)
+    return out[:, len(run) - len(ids):]
