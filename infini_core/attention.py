@@ -44,6 +44,10 @@ class InfiniConfig:
     # gate = sigmoid(gate_init): closed (the base model's output within one segment), yet
     # its gradient (sigmoid'(-10) ~ 5e-5) is large enough for Adam to open it
     gate_init: float = -10.0
+    # the paper mixes with the gate even while the memory is still empty (reading 0), which
+    # scales the first segment's attention by 1 - gate; off, a text within the first
+    # segment is read exactly as the base model reads it, whatever the gate learned
+    mix_empty_memory: bool = False
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -54,7 +58,8 @@ class InfiniConfig:
     @classmethod
     def paper(cls, **overrides) -> "InfiniConfig":
         """Munkhdalai et al. 2024: shared Q/K, plain ELU + 1, attention inside the segment only."""
-        return cls(**{"own_memory_qk": False, "sharpness": False, "xl_window": False, **overrides})
+        return cls(**{"own_memory_qk": False, "sharpness": False, "xl_window": False, "mix_empty_memory": True,
+                      **overrides})
 
 
 class RopeTable:
@@ -202,9 +207,14 @@ class InfiniAttention(nn.Module):
             start = piece.stop
         return torch.cat(outs, dim=2)
 
-    def _mix(self, local: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+    def _mix(self, local: torch.Tensor, mem: torch.Tensor, empty_tokens: int = 0) -> torch.Tensor:
+        """Gate the memory in; the first `empty_tokens` read an empty memory and, unless
+        the config says to mix those too, keep the local attention as it is."""
         g = torch.sigmoid(self.memory_gate.float())[None, :, None, None]
-        return (g * mem.float() + (1 - g) * local.float()).to(local.dtype)
+        mixed = (g * mem.float() + (1 - g) * local.float()).to(local.dtype)
+        if empty_tokens and not self.config.mix_empty_memory:
+            mixed = torch.cat([local[:, :, :empty_tokens], mixed[:, :, empty_tokens:]], dim=2)
+        return mixed
 
     def _segment_piece(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         """Tokens that all belong to the current segment: attend, read, and write the
@@ -213,11 +223,13 @@ class InfiniAttention(nn.Module):
         local = self._attend(q, wk, wv)
         sq = group_queries(feature_map(mq), self.n_kv_heads)
         mem = memory_read(sq, state.M.unsqueeze(2), state.z.unsqueeze(2)).flatten(1, 2)
+        empty = q.shape[2] if state.segments == 0 else 0
         state.append_segment(k, v, mk)
         if state.segment_tokens == self.config.segment_len:
             seg_k, seg_v, seg_mk = state.take_segment(self.config.xl_window)
             state.M, state.z = memory_update(state.M, state.z, feature_map(seg_mk), seg_v, self.config.rule)
-        return self._mix(local, mem)
+            state.segments += 1
+        return self._mix(local, mem, empty)
 
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         """S whole segments starting at a segment boundary, each attending to itself (and
@@ -237,6 +249,8 @@ class InfiniAttention(nn.Module):
             local = self._attend(qs, ks, vs)
         local = local.unflatten(0, (b, s)).transpose(1, 2).flatten(2, 3)
         mem, (state.M, state.z) = infini_memory(mq, mk, v, n, self.config.rule, (state.M, state.z))
+        empty = n if state.segments == 0 else 0
+        state.segments += s
         if self.config.xl_window:
             state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
-        return self._mix(local, mem)
+        return self._mix(local, mem, empty)

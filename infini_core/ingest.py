@@ -35,11 +35,15 @@ def document_tokens(model: InfiniModel, document, at_start: bool) -> Iterable[li
     """Token ids of a text, of an iterable of texts (pages, streamed) or of ids as given.
     BOS, where the model uses one, only at the very start of the stream."""
     tok = model.tokenizer
+    piece = 1 << 20  # a long document goes in pieces, so the reader's buffer stays small
     if isinstance(document, torch.Tensor):
-        yield document.flatten().tolist()
+        flat = document.flatten()
+        for i in range(0, len(flat), piece):
+            yield flat[i:i + piece].tolist()
         return
     if isinstance(document, Sequence) and not isinstance(document, str) and all(isinstance(t, int) for t in document[:1]):
-        yield list(document)
+        for i in range(0, len(document), piece):
+            yield list(document[i:i + piece])
         return
     if at_start and adds_bos(tok):
         yield [tok.bos_token_id]
@@ -72,11 +76,12 @@ def ingest(
     block = block_segments * n
     if checkpoint_every:
         block = min(block, checkpoint_every * n)
-    if total_tokens is None and isinstance(document, (str, torch.Tensor, Sequence)):
-        pieces = list(document_tokens(model, document, state.tokens == 0))
+    pieces = document_tokens(model, document, state.tokens == 0)
+    if total_tokens is None and isinstance(document, torch.Tensor):
+        total_tokens = document.numel()
+    elif total_tokens is None and isinstance(document, (str, Sequence)):
+        pieces = list(pieces)
         total_tokens = sum(map(len, pieces))
-    else:
-        pieces = document_tokens(model, document, state.tokens == 0)
 
     done, started = 0, time.perf_counter()
 

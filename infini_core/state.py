@@ -32,6 +32,7 @@ class LayerState:
     seg_k: torch.Tensor | None = None
     seg_v: torch.Tensor | None = None
     seg_mk: torch.Tensor | None = None
+    segments: int = 0  # segments written into M and z
 
     @property
     def segment_tokens(self) -> int:
@@ -146,8 +147,8 @@ class MemoryState:
         return sum(t.numel() * t.element_size() for t in self.stored_tensors()[0].values())
 
     def clone(self) -> "MemoryState":
-        layers = [LayerState(**{n: None if getattr(l, n) is None else getattr(l, n).detach().clone() for n in _FIELDS})
-                  for l in self.layers]
+        layers = [LayerState(**{n: None if getattr(l, n) is None else getattr(l, n).detach().clone() for n in _FIELDS},
+                             segments=l.segments) for l in self.layers]
         return MemoryState(layers, dict(self.fingerprint), self.tokens, list(self.pending))
 
     def check_compatible(self, fingerprint: dict) -> None:
@@ -203,6 +204,8 @@ class MemoryState:
                 value = value.to(dtype)
             setattr(layers[int(i)], name, value.to(device) if device is not None else value)
         state = cls(layers, json.loads(meta["fingerprint"]), int(meta["tokens"]), pending)
+        for layer in layers:  # a snapshot sits on a segment boundary: all it ran is written
+            layer.segments = (state.tokens - len(pending)) // state.segment_len
         if fingerprint is not None:
             state.check_compatible(fingerprint)
         return state

@@ -125,3 +125,18 @@ def test_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="rule"):
         InfiniConfig(rule="quadratic")
     assert all(isinstance(l.self_attn, InfiniAttention) for l in model.model.layers)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_first_segment_is_the_base_model_whatever_the_gate(arch):
+    """Default: an empty memory takes no share of the output, so a text within the first
+    segment is read as the base model reads it even with a trained (open) gate; the
+    paper's formulation scales it by 1 - gate."""
+    base = tiny_model(arch)
+    x = ids(1, 30)
+    with torch.no_grad():
+        expected = base(x).logits
+        ours = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=32, gate_init=2.0))(x).logits
+        paper = convert_to_infini(copy.deepcopy(base), InfiniConfig.paper(segment_len=32, gate_init=2.0))(x).logits
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert (paper - expected).abs().max() > 1e-2

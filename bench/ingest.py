@@ -1,0 +1,199 @@
+"""Ingest throughput, peak GPU memory and time to first answer token, beside Hugging Face.
+
+    python bench/ingest.py --out OUT [--lengths 8192,32768,...] [--hf-max 262144]
+
+Default model's configuration (SmolLM2-135M) with random bf16 weights: speed does not
+depend on the weights. Paths, each in one run on the same GPU:
+  hf      Hugging Face transformers, SDPA, the whole text in one forward (the peer)
+  naive   ours, one segment per forward, memory through naive.py
+  chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
+  fused   ours, layer-parallel blocks, memory through the Triton kernels
+Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
+OUT/ingest.png (tokens/s and memory against length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from infini_core import InfiniConfig, convert_to_infini
+from infini_core.answer import answer
+from infini_core.ingest import ingest, new_state
+from infini_core.loading import InfiniModel
+from infini_core.memory import use_impl
+from infini_core.state import MemoryState
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+QUESTION_TOKENS = 48
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def measure(fn):
+    """(seconds, peak GiB) of fn() on the GPU."""
+    sync()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30, result
+
+
+def hf_prefill(base, ids):
+    with torch.no_grad():
+        return base.model(input_ids=ids[None], use_cache=False).last_hidden_state
+
+
+def our_ingest(model, ids, impl, block_segments):
+    with use_impl(impl):
+        return ingest(model, ids, block_segments=block_segments)
+
+
+def time_to_first_token(model, state_path: Path, question_ids) -> float:
+    """Load the snapshot from disk onto the GPU, run the question, take the first token."""
+    def first():
+        state = MemoryState.load(state_path, model.fingerprint, device="cuda", dtype=torch.bfloat16)
+        return next(iter(answer_ids(model, state, question_ids)))
+    seconds, _, _ = measure(first)
+    return seconds
+
+
+def answer_ids(model, state, question_ids):
+    """answer() without a tokenizer: the first greedy token after the question."""
+    from infini_core.stream import continue_stream
+    with torch.no_grad():
+        yield int(continue_stream(model, state, question_ids)[0, -1].argmax())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--lengths", default="8192,32768,131072,1048576,10485760")
+    ap.add_argument("--hf-max", type=int, default=262144, help="longest input for the HF peer (quadratic)")
+    ap.add_argument("--naive-max", type=int, default=1048576, help="longest input for the naive path")
+    ap.add_argument("--segment-len", type=int, default=512)
+    ap.add_argument("--block-tokens", type=int, default=65536, help="tokens per layer-parallel block")
+    ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")).to("cuda", torch.bfloat16).eval()
+    lm = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=args.segment_len, rule=args.rule))
+    fingerprint = {"architecture": "LlamaForCausalLM", "weights": "random", "adapter": None,
+                   "conversion": {"segment_len": args.segment_len, "rule": args.rule}, "source": {}}
+    model = InfiniModel(lm, None, fingerprint, (), "smollm2-135m config, random weights")
+    block_segments = args.block_tokens // args.segment_len
+    lengths = [int(x) for x in args.lengths.split(",")]
+    rows, out = [], open(args.out / "ingest.jsonl", "w")
+
+    def record(**row):
+        row.update(gpu=gpu, rule=args.rule, segment_len=args.segment_len, torch=torch.__version__)
+        rows.append(row)
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        print(json.dumps(row), flush=True)
+
+    # warm-up: kernels compiled and cuBLAS plans made before anything is timed
+    warm = torch.randint(0, 49152, (4 * args.segment_len,), device="cuda")
+    hf_prefill(base, warm)
+    for impl in ("naive", "chunk", "fused"):
+        our_ingest(model, warm.cpu(), impl, block_segments)
+
+    question = torch.randint(0, 49152, (QUESTION_TOKENS,)).tolist()
+    for n in lengths:
+        ids = torch.randint(0, 49152, (n,))
+        if n <= args.hf_max:
+            try:
+                secs, peak, _ = measure(lambda: hf_prefill(base, ids.cuda()))
+                record(path="hf", tokens=n, seconds=secs, tokens_per_s=n / secs, peak_gib=peak)
+            except torch.OutOfMemoryError:
+                record(path="hf", tokens=n, error="out of memory")
+        else:
+            record(path="hf", tokens=n, error=f"not run: one quadratic forward beyond {args.hf_max} tokens")
+        for impl in ("naive", "chunk", "fused"):
+            if impl == "naive" and n > args.naive_max:
+                record(path=impl, tokens=n, error=f"not run beyond {args.naive_max} tokens (too slow)")
+                continue
+            blocks = 1 if impl == "naive" else block_segments
+            secs, peak, state = measure(lambda: our_ingest(model, ids, impl, blocks))
+            record(path=impl, tokens=n, seconds=secs, tokens_per_s=n / secs, peak_gib=peak)
+        # answer latency from the last snapshot, against the peer re-reading document + question
+        snap = args.out / "bench.infini"
+        state.save(snap)
+        ttft = min(time_to_first_token(model, snap, question) for _ in range(3))
+        record(path="snapshot_ttft", tokens=n, seconds=ttft, snapshot_mib=snap.stat().st_size / 2**20)
+        snap.unlink()
+        if n <= args.hf_max:
+            full = torch.cat([ids, torch.tensor(question)]).cuda()
+            try:
+                secs, _, _ = measure(lambda: base(input_ids=full[None], use_cache=False, logits_to_keep=1).logits.argmax())
+                record(path="hf_reread_ttft", tokens=n, seconds=secs)
+            except torch.OutOfMemoryError:
+                record(path="hf_reread_ttft", tokens=n, error="out of memory")
+        del state
+    out.close()
+    write_report(rows, args.out, gpu)
+
+
+def write_report(rows: list[dict], out: Path, gpu: str) -> None:
+    lengths = sorted({r["tokens"] for r in rows})
+    paths = ["hf", "naive", "chunk", "fused"]
+
+    def cell(path, n, key, fmt):
+        r = next((r for r in rows if r["path"] == path and r["tokens"] == n), None)
+        if r is None:
+            return "-"
+        return fmt(r[key]) if key in r else r.get("error", "-").split(":")[0]
+
+    kilo = lambda x: f"{x / 1e3:,.0f}K"
+    lines = [f"GPU: {gpu}. Default model's configuration, random bf16 weights, rule "
+             f"{rows[0]['rule']}, segments of {rows[0]['segment_len']} tokens.", "",
+             "| tokens | " + " | ".join(f"{p} tok/s" for p in paths) + " | " + " | ".join(f"{p} peak GiB" for p in paths)
+             + " | TTFT from snapshot | HF re-read TTFT | snapshot MiB |",
+             "|" + "---|" * (2 * len(paths) + 4)]
+    for n in lengths:
+        lines.append(f"| {n:,} | " + " | ".join(cell(p, n, "tokens_per_s", kilo) for p in paths) + " | "
+                     + " | ".join(cell(p, n, "peak_gib", lambda x: f"{x:.2f}") for p in paths) + " | "
+                     + cell("snapshot_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
+                     + cell("hf_reread_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
+                     + cell("snapshot_ttft", n, "snapshot_mib", lambda x: f"{x:.1f}") + " |")
+    (out / "ingest.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for p in paths:
+        pts = [(r["tokens"], r) for r in rows if r["path"] == p and "tokens_per_s" in r]
+        if pts:
+            a.plot([t for t, _ in pts], [r["tokens_per_s"] for _, r in pts], marker="o", label=p)
+            b.plot([t for t, _ in pts], [r["peak_gib"] for _, r in pts], marker="o", label=p)
+    for ax, title in ((a, "ingest tokens/s"), (b, "peak GPU memory (GiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("document tokens")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Ingest on {gpu}")
+    fig.tight_layout()
+    fig.savefig(out / "ingest.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
