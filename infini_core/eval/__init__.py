@@ -1,0 +1,1 @@
+"""Evaluations: passkey retrieval, long-text perplexity by position."""

@@ -1,0 +1,99 @@
+"""Training and evaluation code on a tiny model (the real runs happen on a GPU)."""
+
+import random
+
+import pytest
+import torch
+
+from infini_core import InfiniConfig, gate_parameters, memory_parameters
+from infini_core.eval.passkey import found, passkey_sample, passkey_table, run_passkey
+from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, stream_nll
+from infini_core.loading import load_model
+from infini_core.train import Batches, TrainConfig, freeze_base, loss_on, train, trainable_groups
+from tests.tiny_models import save_tiny_checkpoint
+
+TEXT = "The lighthouse keeper read the old book in the lamp room. " * 300
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), infini=InfiniConfig(segment_len=256),
+                      device="cpu")
+
+
+def test_passkey_sample_places_the_key_where_it_says(model):
+    tok = model.tokenizer
+    rng = random.Random(0)
+    for depth in (0.0, 0.5, 1.0):
+        s = passkey_sample(tok, 2000, depth, rng)
+        assert len(s.ids) <= 2000 and len(s.ids) > 1800
+        text_before = tok.decode(s.ids[:s.key_token])
+        assert tok.decode(s.ids[s.key_token:]).startswith(f"The pass key is {s.key}.")
+        assert f"{s.key}" not in text_before
+        assert abs(s.key_token / len(s.ids) - depth) < 0.1
+        assert tok.decode(s.ids).endswith("What is the pass key? The pass key is")
+    assert found(" 12345.", "12345") and not found(" 1234", "12345") and not found("54321", "12345")
+
+
+def test_batches_have_one_length_and_label_only_answers_or_the_last_segment(model):
+    cfg = TrainConfig(batch_size=4, lm_fraction=0.5, curriculum_steps=1)
+    batches = Batches(model, model.tokenizer(TEXT).input_ids, cfg)
+    ids, labels = batches.next(0)  # curriculum: the key in segment 0, beyond the xl window
+    assert ids.shape == labels.shape and ids.shape[1] == 3 * 256
+    for row, lab in zip(ids, labels):
+        answer = lab != -100
+        assert answer.sum() == len(model.tokenizer(" 12345", add_special_tokens=False).input_ids)
+        needle = model.tokenizer("The pass key is", add_special_tokens=False).input_ids
+        pos = next(i for i in range(len(row)) if row[i:i + len(needle)].tolist() == needle)
+        assert pos < 256 - len(needle)
+    ids, labels = batches.next(5)
+    lm_rows = (labels != -100).sum(1) == 256
+    assert lm_rows.sum() == 2  # half the batch: the last segment of long text
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch(model):
+    cfg = TrainConfig(batch_size=4, curriculum_steps=0, max_segments=3, gate_init=0.0)
+    freeze_base(model)
+    for gate in gate_parameters(model.lm):  # as train() starts them
+        gate.data.fill_(cfg.gate_init)
+    ids, labels = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
+    opt = torch.optim.AdamW(trainable_groups(model, cfg), weight_decay=0.0)
+    before, _ = loss_on(model, ids, labels)
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after, _ = loss_on(model, ids, labels)
+    assert after.item() < before.item()
+    # only the adapter trains
+    owned = set(memory_parameters(model.lm).values())
+    assert all(p.requires_grad == (p in owned) for p in model.lm.parameters())
+
+
+def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
+    corpus = model.tokenizer(TEXT).input_ids
+    cfg = TrainConfig(steps=3, batch_size=2, curriculum_steps=1, max_segments=3, checkpoint_every=2, log_every=1)
+    path = train(model, corpus, tmp_path, cfg, log=lambda row: None)
+    lines = (tmp_path / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and "gate_mean" in lines[0]
+    folder = model.fingerprint["source"]["model"]
+    loaded = load_model(folder, adapter=path, device="cpu")
+    for name, p in memory_parameters(loaded.lm).items():
+        torch.testing.assert_close(p, memory_parameters(model.lm)[name])
+    assert loaded.fingerprint["adapter"] and loaded.config == model.config
+    # resuming from the checkpoint continues at the saved step
+    more = train(model, corpus, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 4}), log=lambda row: None)
+    assert more.exists() and len((tmp_path / "train.jsonl").read_text().splitlines()) == 4
+
+
+def test_eval_runs_end_to_end(model):
+    results = run_passkey(model, [1400], depths=(0.0, 1.0), block_segments=2)
+    assert len(results) == 2 and {"found", "generated", "key"} <= results[0].keys()
+    table = passkey_table(results)
+    assert table.splitlines()[0].startswith("| key at |") and "start" in table and "end" in table
+    ids = model.tokenizer(TEXT).input_ids[:1200]
+    nll = stream_nll(model, ids, block_segments=2)
+    assert nll.shape == (1199,) and torch.isfinite(nll).all()
+    # a text within one segment, gate closed: the stream reads it as the base model does
+    short = ids[:200]
+    torch.testing.assert_close(stream_nll(model, short), full_context_nll(model.lm, short, "cpu"), atol=1e-4, rtol=0)
+    assert len(bucketed_perplexity(nll, 512)) == 3
