@@ -83,8 +83,9 @@ def main() -> None:
     ap.add_argument("--lengths", default="8192,32768,131072,1048576,10485760")
     ap.add_argument("--hf-max", type=int, default=262144, help="longest input for the HF peer (quadratic)")
     ap.add_argument("--naive-max", type=int, default=1048576, help="longest input for the naive path")
+    ap.add_argument("--fused-max", type=int, default=1 << 40, help="longest input for the Triton path")
     ap.add_argument("--segment-len", type=int, default=512)
-    ap.add_argument("--block-tokens", type=int, default=65536, help="tokens per layer-parallel block")
+    ap.add_argument("--block-tokens", type=int, default=32768, help="tokens per layer-parallel block")
     ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -124,8 +125,9 @@ def main() -> None:
         else:
             record(path="hf", tokens=n, error=f"not run: one quadratic forward beyond {args.hf_max} tokens")
         for impl in ("naive", "chunk", "fused"):
-            if impl == "naive" and n > args.naive_max:
-                record(path=impl, tokens=n, error=f"not run beyond {args.naive_max} tokens (too slow)")
+            longest = {"naive": args.naive_max, "fused": args.fused_max}.get(impl, n)
+            if n > longest:
+                record(path=impl, tokens=n, error=f"not run beyond {longest} tokens (too slow)")
                 continue
             blocks = 1 if impl == "naive" else block_segments
             secs, peak, state = measure(lambda: our_ingest(model, ids, impl, blocks))

@@ -153,6 +153,11 @@ class InfiniAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.sliding_window), **sdpa)
         if q_start == 0 or n_q == 1:  # plain causal, or one new token that sees everything
             return F.scaled_dot_product_attention(q, k, v, is_causal=n_q > 1, **sdpa)
+        if 2 * n_q >= n_k:
+            # flash kernels take plain causal attention: padding the queries in front (their
+            # outputs dropped) costs less than the dense-mask kernel a window-end mask gets
+            q = F.pad(q, (0, 0, q_start, 0))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)[:, :, q_start:]
         # causal aligned to the window's end: flash/efficient kernels take this without a
         # dense mask, but not with grouped heads, so those are expanded
         groups = self.n_heads // self.n_kv_heads

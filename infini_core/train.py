@@ -10,6 +10,7 @@ anywhere so that local retrieval is not forgotten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -220,12 +221,17 @@ def main(argv=None) -> None:
     ap.add_argument("--paper", action="store_true", help="the paper's formulation (shared Q/K, plain ELU+1)")
     for field, default in asdict(TrainConfig()).items():
         ap.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
+    ap.add_argument("--memory-impl", default="auto", help="memory op implementation (auto, chunk, fused, naive)")
     args = ap.parse_args(argv)
     conv = dict(segment_len=args.segment_len, rule=args.rule)
     infini = InfiniConfig.paper(**conv) if args.paper else InfiniConfig(**conv)
     model = load_model(args.model, infini=infini, dtype=torch.float32)  # fp32 master weights, bf16 autocast
     cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
-    path = train(model, read_corpus(model, args.data), args.out, cfg, log=lambda row: print(json.dumps(row), flush=True))
+    from .memory import use_impl
+
+    with use_impl(args.memory_impl) if args.memory_impl != "auto" else contextlib.nullcontext():
+        path = train(model, read_corpus(model, args.data), args.out, cfg,
+                     log=lambda row: print(json.dumps(row), flush=True))
     print(f"adapter: {path}")
 
 

@@ -5,12 +5,46 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from .chunk import chunk_infini_memory
 from .naive import RULES, MemoryTensors, feature_map, memory_read, memory_update, naive_infini_memory
 
-IMPLEMENTATIONS = {"naive": naive_infini_memory, "chunk": chunk_infini_memory}
+
+def fused_infini_memory(*args, **kwargs):
+    """The Triton kernels (`fused.py`); triton is imported on first use, never before."""
+    from .fused import fused_infini_memory as fused
+
+    return fused(*args, **kwargs)
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+IMPLEMENTATIONS = {"naive": naive_infini_memory, "chunk": chunk_infini_memory, "fused": fused_infini_memory}
+_forced: str | None = None  # set by use_impl, for benchmarks and tests
+
+
+@contextlib.contextmanager
+def use_impl(name: str):
+    """Make impl="auto" mean `name` inside the block (the model always asks for "auto")."""
+    global _forced
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {name!r}; expected one of {sorted(IMPLEMENTATIONS)}")
+    before, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = before
 
 
 def infini_memory(
@@ -24,14 +58,15 @@ def infini_memory(
 ) -> tuple[torch.Tensor, MemoryTensors]:
     """Memory read of every token of q/k/v (split into segments) and the final (M, z).
 
-    impl: "auto" picks the fastest implementation for the device; "naive"/"chunk" force one.
+    impl: "auto" picks the fastest implementation for the device (the Triton kernels on
+    CUDA when triton imports, else chunk); "naive"/"chunk"/"fused" force one.
     """
     if rule not in RULES:
         raise ValueError(f"unknown memory rule {rule!r}; expected one of {RULES}")
     if segment_len < 1:
         raise ValueError(f"segment_len must be >= 1, got {segment_len}")
     if impl == "auto":
-        impl = "chunk"
+        impl = _forced or ("fused" if q.is_cuda and _triton_available() else "chunk")
     return IMPLEMENTATIONS[impl](q, k, v, segment_len, rule, initial_state)
 
 
@@ -44,4 +79,6 @@ __all__ = [
     "memory_update",
     "naive_infini_memory",
     "chunk_infini_memory",
+    "fused_infini_memory",
+    "use_impl",
 ]
