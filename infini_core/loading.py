@@ -73,6 +73,15 @@ def default_model_dir() -> Path:
     return target
 
 
+def checkpoint_dir(model: str | os.PathLike) -> Path:
+    """The Hugging Face checkpoint folder of a model name or path."""
+    path = default_model_dir() if str(model) == DEFAULT_MODEL else Path(model)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{model}: not a model folder (no config.json); use a local checkpoint folder "
+                             f"or {DEFAULT_MODEL!r}")
+    return path
+
+
 def load_model(
     model: str | os.PathLike = DEFAULT_MODEL,
     infini: InfiniConfig | None = None,
@@ -84,10 +93,7 @@ def load_model(
     and load the adapter (whose own conversion options then apply)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_dir() if str(model) == DEFAULT_MODEL else Path(model)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{model}: not a model folder (no config.json); use a local checkpoint folder "
-                             f"or {DEFAULT_MODEL!r}")
+    path = checkpoint_dir(model)
     adapter_tensors, adapter_config = read_adapter(adapter) if adapter else (None, None)
     infini = adapter_config or infini or InfiniConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
