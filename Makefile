@@ -8,7 +8,7 @@ setup-dev:
 	bash scripts/setup.sh --dev
 
 run: setup
-	.venv/bin/infini --help
+	.venv/bin/python -m app
 
 test: setup-dev
 	.venv/bin/python -m pytest

@@ -31,6 +31,18 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
+PAGE_SEPARATOR = "\n\n"  # a page break reads as a paragraph break
+
+
+def page_texts(pages) -> list[tuple[int, str]]:
+    """A paged document as the texts `ingest` reads: (number, the page's text followed by
+    PAGE_SEPARATOR). Read these (`document_tokens`) and chunk these (`chunk_pages`), and
+    the chunks' token offsets are offsets of the stream read. `pages`: objects with
+    .number and .text, or (number, text) pairs."""
+    pairs = ((p.number, p.text) if hasattr(p, "number") else p for p in pages)
+    return [(int(number), text + PAGE_SEPARATOR) for number, text in pairs]
+
+
 def document_tokens(model: InfiniModel, document, at_start: bool) -> Iterable[list[int]]:
     """Token ids of a text, of an iterable of texts (pages, streamed) or of ids as given.
     BOS, where the model uses one, only at the very start of the stream."""

@@ -114,6 +114,13 @@ def load_model(
     return InfiniModel(lm, tokenizer, fingerprint, stop_token_ids(lm, tokenizer), str(model))
 
 
+def fingerprint_id(fingerprint: dict) -> str:
+    """sha256 of what a memory state belongs to: the fingerprint without "source", which
+    says where the model was loaded from, not what it is."""
+    identity = {k: v for k, v in fingerprint.items() if k != "source"}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
 def weights_digest(folder: Path) -> str:
     """sha256 of a checkpoint's weight files (whatever dtype they are loaded in), remembered
     per file size and mtime so that a big checkpoint is hashed once."""

@@ -20,11 +20,30 @@ from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import bm25s
 import numpy as np
-from bm25s.stopwords import STOPWORDS_EN_PLUS
 
 from .answer import Passage
+
+
+def _import_bm25s():
+    """bm25s imports JAX, where it is installed, for a top-k we never call (we score with
+    get_scores), and JAX then takes 75% of the GPU the model needs (seen: cuBLAS could not
+    allocate). JAX is hidden while bm25s imports, so it falls back to numpy."""
+    import sys
+
+    hide = "jax" not in sys.modules
+    if hide:
+        sys.modules["jax"] = None  # makes `import jax` raise ImportError
+    try:
+        import bm25s
+    finally:
+        if hide and sys.modules.get("jax", ...) is None:
+            del sys.modules["jax"]  # JAX stays importable for everyone else
+    return bm25s
+
+
+bm25s = _import_bm25s()
+from bm25s.stopwords import STOPWORDS_EN_PLUS  # noqa: E402  (bm25s is imported by now)
 
 FORMAT = "infini-docqa/retrieval-index"
 FORMAT_VERSION = 1

@@ -5,6 +5,7 @@ README's settings table can be generated from these fields' descriptions.
 
 Defaults give a working single-machine setup with no servers: a SQLite file,
 a local blob folder and a SQLite-backed Celery broker, all under `data_dir`.
+Celery keeps no results: every job's outcome is its Job row.
 Paths derived from `data_dir` are filled in after validation, so setting only
 `INFINI_DATA_DIR` moves everything.
 
@@ -65,9 +66,9 @@ class Settings(BaseSettings):
         description="Celery broker URL. Default: `sqla+sqlite:///<data_dir>/broker.sqlite` "
         "(no server needed); production: `redis://host:6379/0`.",
     )
-    result_backend: str = Field(
-        "",
-        description="Celery result backend. Default: `db+sqlite:///<data_dir>/results.sqlite`.",
+    result_backend: str | None = Field(
+        None,
+        description="Celery result backend; unset: none, since every outcome is a Job row.",
     )
     redis_url: str | None = Field(
         None,
@@ -83,6 +84,70 @@ class Settings(BaseSettings):
     )
     segment_len: int = Field(512, gt=0, description="Tokens per Infini-attention segment.")
     max_upload_mb: int = Field(200, gt=0, description="Largest accepted upload, in MB.")
+
+    # -- workers ---------------------------------------------------------------------------
+    namespace: str = Field(
+        "infini",
+        description="Name of the Celery queues and prefix of the Redis keys, so that several "
+        "deployments (or test runs) can share one Redis.",
+    )
+    concurrency: int | None = Field(
+        None, ge=1, description="Tasks at a time per worker. Default: one per GPU (1 without GPU)."
+    )
+    device: str | None = Field(
+        None,
+        description="Torch device of the model (`cuda:1`, `cpu`). Default: a GPU per "
+        "worker process when there are GPUs, else the CPU.",
+    )
+    checkpoint_every: int = Field(
+        64, ge=1, description="Segments read between two checkpoints of a document's memory."
+    )
+    heartbeat_s: float = Field(
+        10.0, gt=0, description="Seconds between two heartbeats of a running job."
+    )
+    stale_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this is requeued; a queued "
+        "job sent longer ago than this may be sent again if the broker lost its message.",
+    )
+    reap_every_s: float = Field(
+        60.0, gt=0, description="Seconds between two looks for stalled or lost jobs."
+    )
+    max_attempts: int = Field(
+        5,
+        ge=1,
+        description="Times a job may start (retries and dead workers included) before it "
+        "is given up; keep it above max_retries.",
+    )
+    max_retries: int = Field(
+        4, ge=0, description="Retries of a job after a transient error (database, Redis, network)."
+    )
+    retry_backoff_s: float = Field(
+        2.0, ge=0, description="First retry delay; it doubles each time."
+    )
+    ingest_time_limit_s: int = Field(
+        6 * 3600, gt=0, description="Longest reading of one document, in seconds."
+    )
+    answer_time_limit_s: int = Field(300, gt=0, description="Longest answer, in seconds.")
+    summarize_time_limit_s: int = Field(
+        3600, gt=0, description="Longest summary of one document, in seconds."
+    )
+    answer_passages: int = Field(
+        4, ge=0, description="Passages retrieved into a question's window."
+    )
+    answer_max_tokens: int = Field(256, gt=0, description="Longest answer, in tokens.")
+    summary_sections: int = Field(
+        16, ge=1, description="At most this many section summaries before the overall summary."
+    )
+    summary_max_tokens: int = Field(
+        160, gt=0, description="Longest summary of one section, in tokens."
+    )
+    states_cached: int = Field(
+        4, ge=1, description="Memory snapshots each worker process keeps loaded for questions."
+    )
+
+    # -- secrets ---------------------------------------------------------------------------
     secret_key: SecretStr = Field(
         SecretStr(""),
         description="Key for signing sessions and tokens. Default: random, generated once "
@@ -100,8 +165,6 @@ class Settings(BaseSettings):
             self.blob_dir = d / "blobs"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{d / 'broker.sqlite'}"
-        if not self.result_backend:
-            self.result_backend = f"db+sqlite:///{d / 'results.sqlite'}"
         if not self.secret_key.get_secret_value():
             self.secret_key = SecretStr(_load_or_create_secret(d / SECRET_KEY_FILE))
         return self

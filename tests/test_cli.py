@@ -45,7 +45,8 @@ def test_ingest_info_ask(tiny, book, tmp_path):
     # the snapshot remembers its model and conversion: no options needed to ask it
     asked = infini("ask", snap, "What did the keeper read?", "--max-new-tokens", "5")
     assert asked.returncode == 0, asked.stderr
-    assert asked.stdout.endswith("\n")
+    assert asked.stdout.rstrip().splitlines()[-1] == "[pages 1]"  # the retrieved passage's page
+    assert fields["retrieval"].endswith("book.infini.index.zip")
 
 
 def one_line_error(result, *needles):
@@ -90,6 +91,7 @@ def test_default_model_on_a_pdf(tmp_path):
     done = infini("ingest", pdf, "-o", snap, "-q")
     assert done.returncode == 0, done.stderr
     assert "from 9 pages" in done.stdout
-    asked = infini("ask", snap, "What is the title of this paper?", "--max-new-tokens", "30")
+    asked = infini("ask", snap, "How does simplified payment verification work?", "--max-new-tokens", "30")
     assert asked.returncode == 0, asked.stderr
-    assert asked.stdout.strip()
+    cited = asked.stdout.rstrip().splitlines()[-1]
+    assert cited.startswith("[pages ") and "5" in cited  # section 8, on page 5

@@ -3,6 +3,9 @@
     infini ingest BOOK.pdf -o book.infini     read a PDF, TXT or EPUB (progress, tokens/s, ETA)
     infini ask book.infini "question"         stream an answer from the snapshot
     infini info book.infini                   tokens, size, model, checksum
+
+`ingest` also writes book.infini.index.zip (the passages and their pages); `ask` puts the
+passages that best match the question in front of it and prints the pages it cited.
 """
 
 from __future__ import annotations
@@ -34,25 +37,27 @@ def cmd_ingest(args) -> None:
     from tqdm import tqdm
 
     from infini_core.ingest import ingest
+    from infini_core.retrieval import RetrievalIndex
     from storage.parsing import parse_document
+    from workers.service import plan_reading
 
     pages = parse_document(args.document, password=args.password)
     out = Path(args.output or Path(args.document).with_suffix(".infini").name)
     fields = {"segment_len": args.segment_len, "rule": args.rule}
     model = _load(args, conversion={k: v for k, v in fields.items() if v is not None})
-    tokens = [t for ids in _page_tokens(model, pages) for t in ids]
-    with tqdm(total=len(tokens), unit="tok", unit_scale=True, desc=f"reading {Path(args.document).name}",
+    reading = plan_reading(model, pages)  # the same stream and passages as the workers'
+    with tqdm(total=len(reading.ids), unit="tok", unit_scale=True, desc=f"reading {Path(args.document).name}",
               disable=args.quiet) as bar:
-        state = ingest(model, tokens, on_progress=lambda p: bar.update(p.tokens_done - bar.n))
+        state = ingest(model, reading.ids, on_progress=lambda p: bar.update(p.tokens_done - bar.n))
     sha = state.save(out)
+    # the passages with their pages, for retrieval at question time, beside the snapshot
+    RetrievalIndex(reading.chunks).save(index_path(out))
     print(f"{out}: {state.tokens:,} tokens from {len(pages)} pages, {out.stat().st_size / 2**20:.1f} MiB, "
           f"sha256 {sha[:16]}")
 
 
-def _page_tokens(model, pages):
-    from infini_core.ingest import document_tokens
-
-    return document_tokens(model, [p.text + "\n\n" for p in pages], at_start=True)
+def index_path(snapshot) -> Path:
+    return Path(f"{snapshot}.index.zip")
 
 
 def cmd_ask(args) -> None:
@@ -65,10 +70,17 @@ def cmd_ask(args) -> None:
     made_by = json.loads(meta["fingerprint"])
     model = _load(args, made_by.get("source"), made_by.get("conversion"))
     state = MemoryState.load(args.snapshot, model.fingerprint, device=model.device, dtype=model.lm.dtype)
-    for piece in answer(model, state, args.question, max_new_tokens=args.max_new_tokens):
+    passages = []
+    if index_path(args.snapshot).exists():
+        from infini_core.retrieval import RetrievalIndex, cited_pages, passages_for
+
+        passages = passages_for(RetrievalIndex.load(index_path(args.snapshot)).search(args.question, k=args.passages))
+    for piece in answer(model, state, args.question, passages, max_new_tokens=args.max_new_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if passages:
+        print(f"[pages {', '.join(cited_pages(passages))}]")
 
 
 def cmd_info(args) -> None:
@@ -88,6 +100,7 @@ def cmd_info(args) -> None:
         "memory": f"{conv['rule']} rule, segments of {conv['segment_len']} tokens, "
                   f"{sum(1 for k in tensors if k.endswith('.M'))} memory layers",
         "dtype": meta.get("dtype", "?"),
+        "retrieval": str(index_path(args.snapshot)) if index_path(args.snapshot).exists() else "none",
         "sha256": meta["sha256"],
     }
     width = max(map(len, rows))
@@ -117,6 +130,7 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("snapshot")
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=int, default=256)
+    ask.add_argument("--passages", type=int, default=3, help="retrieved passages put before the question")
     model_options(ask)
     ask.set_defaults(run=cmd_ask)
 

@@ -188,3 +188,23 @@ def test_dense_without_the_model_says_how_to_get_it(tmp_path):
         with pytest.raises(EmbeddingModelMissing, match="all-MiniLM-L6-v2"):
             RetrievalIndex(chunks, dense=True)
         assert RetrievalIndex(chunks).search("lamp")[0].chunk == chunks[0]
+
+
+def test_bm25s_is_imported_without_jax(tmp_path):
+    """bm25s reaches for JAX where it is installed, and JAX takes most of a GPU: a stand-in
+    `jax` on the path must stay unimported by retrieval, and importable by anyone else."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "__init__.py").write_text("")
+    probe = ("import sys, infini_core.retrieval; print('jax' in sys.modules); "
+             "import jax; print(jax.__file__ is not None)")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]
