@@ -21,11 +21,8 @@ os.environ.setdefault("INFINI_DATA_DIR", tempfile.mkdtemp(prefix="infini-app-tes
 from storage import db  # noqa: E402
 from storage.models import Job, JobKind  # noqa: E402
 from storage.settings import Settings  # noqa: E402
-from tests.storage.conftest import service_unavailable  # noqa: E402
-from tests.tiny_models import save_tiny_checkpoint  # noqa: E402
-
-SEGMENT_LEN = 16
-REDIS_URL = os.environ.get("INFINI_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.workers.conftest import redis_url, tiny_dir, tiny_model  # noqa: E402,F401  (fixtures)
+from tests.workers.helpers import SEGMENT_LEN  # noqa: E402
 WORDS = ("lighthouse keeper lamp storm harbour ship sailor rope anchor tide gull cliff "
          "lantern captain voyage island").split()
 
@@ -73,30 +70,6 @@ class InlineWorker:
         self.jobs.put(None)
         self.thread.join(60)
         self.ctx.engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tiny_dir):
-    from infini_core.attention import InfiniConfig
-    from infini_core.loading import load_model
-
-    return load_model(tiny_dir, infini=InfiniConfig(segment_len=SEGMENT_LEN), device="cpu")
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    import redis
-
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as e:
-        service_unavailable(f"Redis unreachable at {REDIS_URL}: {type(e).__name__}: {e}")
-    return REDIS_URL
 
 
 @pytest.fixture
