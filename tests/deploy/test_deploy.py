@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -429,8 +433,9 @@ def test_docs_have_every_section():
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_quick_start_setup_in_a_fresh_venv(tmp_path):
-    """`scripts/setup.sh --dev` (what `make test` / `make run` run first) on a copy of the
-    working tree, with python3.11: a new .venv that imports everything and runs the CLI."""
+    """The quick start on a copy of the working tree, with python3.11: `scripts/setup.sh
+    --dev` (what `make test` runs first) makes a new .venv that imports everything and runs
+    the CLI; then `make run` serves the product."""
     python = os.environ.get("PYTHON") or shutil.which("python3.11")
     if python is None:
         pytest.skip("no python3.11")
@@ -463,6 +468,25 @@ def test_quick_start_setup_in_a_fresh_venv(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert cli.returncode == 0, cli.stderr[-3000:]
     assert "ingest" in cli.stdout
+    # `make run`: the product comes up on embedded defaults and answers its health check
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_env = {**env, "INFINI_DATA_DIR": str(tmp_path / "data")}
+    server = subprocess.Popen(["make", "run", f"APP_ARGS=--port {port}"], cwd=repo, env=run_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, healthy = time.monotonic() + 300, False
+        while time.monotonic() < deadline and server.poll() is None and not healthy:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    healthy = r.status == 200
+            except OSError:
+                time.sleep(2)
+        assert healthy, f"make run did not serve /healthz (exit code {server.poll()})"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
 
 
 if __name__ == "__main__":
