@@ -1,6 +1,6 @@
 # The GPU worker: CUDA PyTorch, the project, and the default model (SmolLM2-135M-Instruct)
 # converted from GGUF at build time, so a worker starts without network and without the
-# ~15 s conversion. Run one container per GPU (docs/deployment.md).
+# ~15 s conversion. Run one container per GPU (README.md).
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 

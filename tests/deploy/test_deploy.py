@@ -1,6 +1,6 @@
 """The deployment files, checked without a Docker engine: docker-compose*.yml and
 .env.example parsed with PyYAML / line by line, the Dockerfiles read as text, and
-docs/deployment.md's configuration table compared with `storage.settings.Settings`.
+README.md's configuration table compared with `storage.settings.Settings`.
 
 Regenerate that table after changing a setting:
 
@@ -32,7 +32,7 @@ COMPOSE_FILES = [COMPOSE, ROOT / "docker-compose.worker.yml", ROOT / "docker-com
 ENV_EXAMPLE = ROOT / ".env.example"
 APP_DOCKERFILE = ROOT / "docker" / "app.Dockerfile"
 WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
-DEPLOYMENT_MD = ROOT / "docs" / "deployment.md"
+README_MD = ROOT / "README.md"
 
 PREFIX = Settings.model_config["env_prefix"]
 SETTINGS_ENV = {PREFIX + name.upper(): name for name in Settings.model_fields}
@@ -102,7 +102,7 @@ def _default(field) -> str:
 
 
 def settings_table() -> str:
-    """docs/deployment.md's configuration table, generated from the Settings fields."""
+    """README.md's configuration table, generated from the Settings fields."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
         desc = (field.description or "").replace("|", "\\|")
@@ -111,9 +111,9 @@ def settings_table() -> str:
 
 
 def docs_table() -> str:
-    text = DEPLOYMENT_MD.read_text()
+    text = README_MD.read_text()
     m = re.search(r"<!-- settings-table:start -->\n(.*?)\n<!-- settings-table:end -->", text, re.S)
-    assert m, "docs/deployment.md lost its settings-table markers"
+    assert m, "README.md lost its settings-table markers"
     return m.group(1).strip()
 
 
@@ -406,7 +406,7 @@ def test_images_pin_what_the_package_needs():
     assert "storage*" in (ROOT / "pyproject.toml").read_text()
 
 
-# -- docs/deployment.md ----------------------------------------------------------------------
+# -- README.md ----------------------------------------------------------------------
 
 
 def test_docs_table_equals_the_settings_fields():
@@ -417,11 +417,11 @@ def test_docs_table_equals_the_settings_fields():
     assert table == settings_table(), "regenerate: python -m tests.deploy.test_deploy"
 
 
-def test_docs_have_every_section():
-    text = DEPLOYMENT_MD.read_text()
+def test_readme_has_every_section():
+    text = README_MD.read_text()
     headings = [h.lower() for h in re.findall(r"^#+ (.+)$", text, re.M)]
-    for want in ("what it is", "one gpu host", "configuration", "gpu deployment", "scaling out",
-                 "troubleshooting", "architecture"):
+    for want in ("what it is", "quick start", "one gpu host", "configuration", "gpu deployment", "scaling out",
+                 "troubleshooting", "architecture", "benchmarks"):
         assert any(want in h for h in headings), want
     for command in ("docker compose up", "cp .env.example .env", "celery -A workers.celery_app beat"):
         assert command in text, command
