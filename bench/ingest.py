@@ -95,7 +95,7 @@ def main() -> None:
     lm = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=args.segment_len, rule=args.rule))
     fingerprint = {"architecture": "LlamaForCausalLM", "weights": "random", "adapter": None,
                    "conversion": {"segment_len": args.segment_len, "rule": args.rule}, "source": {}}
-    model = InfiniModel(lm, None, fingerprint, (), "smollm2-135m config, random weights")
+    model = InfiniModel(lm, None, fingerprint, ())  # random weights: no tokenizer needed
     block_segments = args.block_tokens // args.segment_len
     lengths = [int(x) for x in args.lengths.split(",")]
     rows, out = [], open(args.out / "ingest.jsonl", "w")

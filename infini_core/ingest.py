@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from .loading import InfiniModel
-from .state import LayerState, MemoryState
-from .stream import forward
+from .state import MemoryState
+from .stream import forward, new_layer_states
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class Progress:
 
 
 def new_state(model: InfiniModel) -> MemoryState:
-    return MemoryState([LayerState() for _ in model.lm.base_model.layers], dict(model.fingerprint))
+    return MemoryState(new_layer_states(model.lm), dict(model.fingerprint))
 
 
 def adds_bos(tokenizer) -> bool:

@@ -32,7 +32,6 @@ class InfiniModel:
     tokenizer: object
     fingerprint: dict
     stop_ids: tuple[int, ...]
-    name: str
 
     @property
     def config(self) -> InfiniConfig:
@@ -111,7 +110,7 @@ def load_model(
         # where it came from, to load it again; not part of the identity
         "source": {"model": str(model), "adapter": str(adapter) if adapter else None},
     }
-    return InfiniModel(lm, tokenizer, fingerprint, stop_token_ids(lm, tokenizer), str(model))
+    return InfiniModel(lm, tokenizer, fingerprint, stop_token_ids(lm, tokenizer))
 
 
 def fingerprint_id(fingerprint: dict) -> str:

@@ -185,10 +185,8 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
 
 
 def gate_stats(lm) -> dict:
-    gates = [torch.sigmoid(a.memory_gate.float()).mean().item() for a in (l.self_attn for l in lm.base_model.layers)
-             if a.has_memory]
-    taus = [a.memory_tau.float().mean().item() for a in (l.self_attn for l in lm.base_model.layers)
-            if a.has_memory and hasattr(a, "memory_tau")]
+    gates = [torch.sigmoid(g.float()).mean().item() for g in gate_parameters(lm)]
+    taus = [p.float().mean().item() for n, p in memory_parameters(lm).items() if n.endswith("memory_tau")]
     out = {"gate_mean": sum(gates) / len(gates), "gate_max": max(gates)}
     if taus:
         out["tau_mean"] = sum(taus) / len(taus)
