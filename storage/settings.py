@@ -79,8 +79,10 @@ class Settings(BaseSettings):
         description="Base model: `smollm2-135m-instruct` (shipped) or a Hugging Face Llama-family "
         "checkpoint directory or id.",
     )
-    adapter: Path | None = Field(
-        None, description="Path of the trained Infini-attention adapter (memory weights) to load."
+    adapter: str = Field(
+        "default",
+        description="Infini-attention memory adapter: `default` (the one shipped for the default model; "
+        "none yet), `none` (memory unused), or the path of an adapter file.",
     )
     segment_len: int = Field(512, gt=0, description="Tokens per Infini-attention segment.")
     max_upload_mb: int = Field(200, gt=0, description="Largest accepted upload, in MB.")

@@ -95,3 +95,12 @@ def test_default_model_on_a_pdf(tmp_path):
     assert asked.returncode == 0, asked.stderr
     cited = asked.stdout.rstrip().splitlines()[-1]
     assert cited.startswith("[pages ") and "5" in cited  # section 8, on page 5
+
+
+def test_train_is_a_command_with_its_own_options(tmp_path):
+    listed = infini("--help")
+    assert listed.returncode == 0 and "train" in listed.stdout
+    helped = infini("train", "--help")
+    assert helped.returncode == 0 and "--max-minutes" in helped.stdout and "--data" in helped.stdout
+    missing = infini("train", "--data", tmp_path / "none", "--out", tmp_path / "out")
+    assert missing.returncode == 2 and "no such folder" in missing.stderr

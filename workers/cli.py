@@ -29,7 +29,7 @@ def _load(args, source: dict | None = None, conversion: dict | None = None):
 
     source = source or {}
     model = args.model or source.get("model") or DEFAULT_MODEL
-    adapter = args.adapter or source.get("adapter")
+    adapter = args.adapter or source.get("adapter", "default")
     return load_model(model, infini=InfiniConfig(**conversion) if conversion else None, adapter=adapter)
 
 
@@ -114,7 +114,8 @@ def parser() -> argparse.ArgumentParser:
 
     def model_options(sp):
         sp.add_argument("--model", help="default model name or a local Hugging Face checkpoint folder")
-        sp.add_argument("--adapter", help="memory adapter (.safetensors) trained for the model")
+        sp.add_argument("--adapter", help="memory adapter: a .safetensors file trained for the model, or "
+                        "'none' (default: the one shipped with the default model, where there is one)")
 
     ing = sub.add_parser("ingest", help="read a document (PDF, TXT, EPUB) into a snapshot")
     ing.add_argument("document")
@@ -134,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     model_options(ask)
     ask.set_defaults(run=cmd_ask)
 
+    # listed for --help; its options belong to infini_core.train, which main() hands them to
+    sub.add_parser("train", help="train the memory adapter (a GPU; see `infini train --help`)", add_help=False)
+
     info = sub.add_parser("info", help="what a snapshot holds")
     info.add_argument("snapshot")
     info.set_defaults(run=cmd_info)
@@ -141,6 +145,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from infini_core.train import main as train_main
+
+        train_main(argv[1:])
+        return 0
     args = parser().parse_args(argv)
     from infini_core.loading import ModelLoadError
     from infini_core.state import StateError

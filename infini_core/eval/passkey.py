@@ -45,12 +45,24 @@ def found(generated: str, key: str) -> bool:
     return digits[:5] == key
 
 
+def greedy_continuation(model, state, prompt: list[int], new_tokens: int) -> str:
+    """Greedy decoding of `new_tokens` after `prompt`, continuing `state` (which it changes)."""
+    from ..stream import continue_stream
+
+    out, nxt = [], prompt
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = int(continue_stream(model, state, nxt)[0, -1].argmax())
+            out.append(token)
+            nxt = [token]
+    return model.tokenizer.decode(out, skip_special_tokens=True)
+
+
 def run_passkey(model, lengths: list[int], depths=(0.0, 0.5, 1.0), trials: int = 1, seed: int = 0,
                 block_segments: int = 128, on_result=None) -> list[dict]:
     """Ingest each sample (all but the question), then decode the key greedily from the
     snapshot, as a user's question would."""
     from ..ingest import adds_bos, ingest, new_state
-    from ..stream import continue_stream
 
     rng = random.Random(seed)
     results = []
@@ -60,13 +72,7 @@ def run_passkey(model, lengths: list[int], depths=(0.0, 0.5, 1.0), trials: int =
                 s = passkey_sample(model.tokenizer, length, depth, rng, bos=adds_bos(model.tokenizer))
                 q = len(model.tokenizer(QUESTION, add_special_tokens=False).input_ids)
                 state = ingest(model, s.ids[:-q], new_state(model), block_segments=block_segments)
-                out, nxt = [], s.ids[-q:]
-                with torch.no_grad():
-                    for _ in range(len(s.answer_ids) + 2):
-                        token = int(continue_stream(model, state, nxt)[0, -1].argmax())
-                        out.append(token)
-                        nxt = [token]
-                text = model.tokenizer.decode(out, skip_special_tokens=True)
+                text = greedy_continuation(model, state, s.ids[-q:], len(s.answer_ids) + 2)
                 row = {"length": len(s.ids), "target_length": length, "depth": depth, "trial": trial,
                        "key": s.key, "generated": text, "found": found(text, s.key)}
                 results.append(row)

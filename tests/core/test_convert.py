@@ -30,9 +30,10 @@ def test_closed_gate_within_one_segment_equals_hugging_face(arch, variant):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_local_attention_per_segment_equals_hugging_face_on_that_window(arch):
-    """Gate closed: segment s sees itself (paper) or also segment s-1 (xl_window),
-    exactly what Hugging Face computes on that window alone. One layer, because in a
-    deeper model the previous segment's keys carry its own predecessor's context."""
+    """Gate closed: segment s sees itself (paper) or also segment s-1 and the document's
+    first tokens (xl_window, attention sinks), exactly what Hugging Face computes on that
+    window alone. One layer, because in a deeper model the previous segment's keys carry
+    its own predecessor's context."""
     base = tiny_model(arch, num_hidden_layers=1)
     n, x = 8, ids(1, 40)
     with torch.no_grad():
@@ -41,7 +42,59 @@ def test_local_attention_per_segment_equals_hugging_face_on_that_window(arch):
         for s in range(0, 40, n):
             torch.testing.assert_close(paper[:, s:s + n], base(x[:, s:s + n]).logits, atol=1e-5, rtol=0)
             start = max(0, s - n)
-            torch.testing.assert_close(xl[:, s:s + n], base(x[:, start:s + n]).logits[:, s - start:], atol=1e-5, rtol=0)
+            sinks = x[:, :InfiniConfig.sink_tokens] if start > 0 else x[:, :0]
+            window = torch.cat([sinks, x[:, start:s + n]], 1)
+            torch.testing.assert_close(xl[:, s:s + n], base(window).logits[:, -n:], atol=1e-5, rtol=0)
+
+
+def randomize_adapter(model, seed=0):
+    """Trained-looking memory parameters: open gates, non-zero low-rank deltas."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in memory_parameters(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_two_segments_read_exactly_as_hugging_face_whatever_the_adapter(arch):
+    """With the XL window the memory only takes a segment once it leaves the window, so a
+    text of two segments never reads the memory: the base model's logits, gates open.
+    The third segment does read it (so this test can tell the difference)."""
+    base = tiny_model(arch)
+    n = 8
+    model = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=n))
+    randomize_adapter(model)
+    x = ids(2, 3 * n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:, :2 * n]).logits, base(x[:, :2 * n]).logits, atol=1e-5, rtol=0)
+        third = model(x).logits[:, 2 * n:]
+        alone = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=n, gate_init=-30))(x).logits[:, 2 * n:]
+    assert (third - alone).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_memory_takes_a_segment_when_it_leaves_the_window(rule):
+    """After k segments the memory read next holds segments 0..k-2; the newest waits in
+    (M_next, z_next): the same op applied one segment later, in the piece path and the
+    whole-segments path alike."""
+    n = 8
+    model = convert_to_infini(tiny_model("llama"), InfiniConfig(segment_len=n, rule=rule))
+    randomize_adapter(model)
+    x = ids(1, 5 * n)
+    with torch.no_grad():
+        states = {}
+        for k in (1, 2, 5):
+            states[k] = new_layer_states(model)
+            forward(model, x[:, :k * n], states[k])
+        pieces = new_layer_states(model)
+        for k in range(5):
+            forward(model, x[:, k * n:(k + 1) * n], pieces)
+    for one, two, five, one_by_one in zip(states[1], states[2], states[5], pieces):
+        assert one.M.abs().max() == 0 and one.M_next.abs().max() > 0
+        torch.testing.assert_close(two.M, one.M_next, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(two.z, one.z_next, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(five.M, one_by_one.M, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(five.M_next, one_by_one.M_next, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -78,8 +131,8 @@ def test_open_gate_backpropagates_through_time(variant):
         out.retain_grad()
         key_outputs.append(out)
 
-    key_proj = "memory_k_proj" if cfg.own_memory_qk else "k_proj"
-    hook = getattr(model.model.layers[0].self_attn, key_proj).register_forward_hook(keep_keys)
+    # the memory's keys are k_proj's output (plus a low-rank delta when it has its own)
+    hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(keep_keys)
     logits = model(inputs_embeds=embeds).logits
     hook.remove()
     logits[:, 24:].logsumexp(-1).sum().backward()  # the 4th segment only
@@ -94,8 +147,12 @@ def test_open_gate_backpropagates_through_time(variant):
 def test_memory_parameters_are_separately_addressable():
     model = convert_to_infini(tiny_model("llama"), InfiniConfig())
     names = set(memory_parameters(model))
-    assert {n.rsplit(".", 2)[-2] if n.endswith((".weight", ".bias")) else n.rsplit(".", 1)[-1] for n in names} == {
-        "memory_gate", "memory_tau", "memory_q_proj", "memory_k_proj"}
+    owner = lambda name: next(part for part in name.split(".") if part.startswith("memory_"))
+    assert {owner(n) for n in names} == {"memory_gate", "memory_tau", "memory_q_lora", "memory_k_lora"}
+    # low rank: the memory's Q/K deltas are far smaller than the projections they adjust
+    lora = sum(p.numel() for n, p in memory_parameters(model).items() if "_lora" in n)
+    qk = sum(l.self_attn.q_proj.weight.numel() + l.self_attn.k_proj.weight.numel() for l in model.model.layers)
+    assert lora == 2 * 32 * (96 + 96 + 96 + 32) and lora < qk * 2
     assert len(gate_parameters(model)) == 2
     paper = convert_to_infini(tiny_model("llama"), InfiniConfig.paper())
     assert {n.rsplit(".", 1)[-1] for n in memory_parameters(paper)} == {"memory_gate"}

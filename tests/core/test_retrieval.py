@@ -11,6 +11,7 @@ import pytest
 from infini_core.answer import Passage
 from infini_core.ingest import adds_bos
 from infini_core.retrieval import (
+    PASSAGE_WORDS,
     Embedder,
     EmbeddingModelMissing,
     RetrievalIndex,
@@ -77,7 +78,7 @@ def test_chunks_keep_every_word_in_order_with_the_pages_it_sits_on(book):
     for c in chunks:  # without a tokenizer, token offsets count words
         assert len(c.text.split()) == c.token_end - c.token_start
         assert (c.page_start, c.page_end) == (page_of[c.token_start], page_of[c.token_end - 1])
-        assert 100 <= len(c.text.split()) <= 300
+        assert PASSAGE_WORDS // 2 <= len(c.text.split()) <= PASSAGE_WORDS * 3 // 2
     spanning = [c for c in chunks if c.page_end > c.page_start]
     assert spanning and all(c.pages == f"{c.page_start}-{c.page_end}" for c in spanning)
     assert all(c.pages == str(c.page_start) for c in chunks if c not in spanning)

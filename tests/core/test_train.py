@@ -7,6 +7,7 @@ import torch
 
 from infini_core import InfiniConfig, gate_parameters, memory_parameters
 from infini_core.eval.passkey import found, passkey_sample, passkey_table, run_passkey
+from infini_core.eval.recall import recall_sample, run_recall
 from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, stream_nll
 from infini_core.loading import load_model
 from infini_core.train import Batches, TrainConfig, freeze_base, loss_on, train, trainable_groups
@@ -51,6 +52,19 @@ def test_batches_have_one_length_and_label_only_answers_or_the_last_segment(mode
     assert lm_rows.sum() == 2  # half the batch: the last segment of long text
 
 
+def test_recall_rows_ask_for_a_fact_written_earlier_in_the_row(model):
+    tok = model.tokenizer
+    cfg = TrainConfig(batch_size=4, lm_fraction=0.25, recall_fraction=0.5, curriculum_steps=0, min_segments=4)
+    ids, labels = Batches(model, tok(TEXT).input_ids, cfg).next(0)
+    assert ids.shape[1] >= 4 * 256
+    for row, lab in list(zip(ids, labels))[1:3]:
+        code = tok.decode(lab[lab != -100])
+        text = tok.decode(row[:-len(lab[lab != -100])])
+        question = text.rsplit("What is the code of the ", 1)[1]
+        name = question.split("?")[0]
+        assert code.strip().isdigit() and f"The code of the {name} is{code}." in text
+
+
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(model):
     cfg = TrainConfig(batch_size=4, curriculum_steps=0, max_segments=3, gate_init=0.0)
     freeze_base(model)
@@ -78,7 +92,7 @@ def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
     folder = model.fingerprint["source"]["model"]
     loaded = load_model(folder, adapter=path, device="cpu")
     for name, p in memory_parameters(loaded.lm).items():
-        torch.testing.assert_close(p, memory_parameters(model.lm)[name])
+        torch.testing.assert_close(p, memory_parameters(model.lm)[name].bfloat16().float())  # stored in bf16
     assert loaded.fingerprint["adapter"] and loaded.config == model.config
     # resuming from the checkpoint continues at the saved step
     more = train(model, corpus, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 4}), log=lambda row: None)
@@ -97,3 +111,22 @@ def test_eval_runs_end_to_end(model):
     short = ids[:200]
     torch.testing.assert_close(stream_nll(model, short), full_context_nll(model.lm, short, "cpu"), atol=1e-4, rtol=0)
     assert len(bucketed_perplexity(nll, 512)) == 3
+
+
+def test_recall_sample_writes_each_fact_at_its_depth(model):
+    tok = model.tokenizer
+    book = tok(TEXT, add_special_tokens=False).input_ids
+    ids, placed = recall_sample(tok, book, 3000, 5, random.Random(1))
+    assert len(ids) == 3000 and len({code for _, code, _ in placed}) == 5
+    text = tok.decode(ids)
+    for name, code, depth in placed:
+        at = text.index(f"The code of the {name} is {code}.")
+        assert abs(at / len(text) - depth) < 0.05
+    assert [d for *_, d in placed] == sorted(d for *_, d in placed)
+
+
+def test_recall_runs_end_to_end(model):
+    book = model.tokenizer(TEXT, add_special_tokens=False).input_ids
+    rows = run_recall(model, book, [1200], facts=3, block_segments=2)
+    assert [r["length"] for r in rows] == [1200] * 3
+    assert all(isinstance(r["found"], bool) and r["generated"] for r in rows)

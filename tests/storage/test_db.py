@@ -68,7 +68,7 @@ def test_settings_defaults_derive_from_data_dir(settings_env: Path) -> None:
     assert s.blob_backend == "local" and s.blob_dir == settings_env / "blobs"
     assert s.broker_url == f"sqla+sqlite:///{settings_env / 'broker.sqlite'}"
     assert s.result_backend is None  # outcomes are Job rows
-    assert s.redis_url is None and s.adapter is None
+    assert s.redis_url is None and s.adapter == "default"
     assert (s.model, s.segment_len, s.max_upload_mb) == ("smollm2-135m-instruct", 512, 200)
     assert s.max_upload_bytes == 200 * 1024 * 1024
 
