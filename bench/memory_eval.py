@@ -2,6 +2,7 @@
 with and without its adapter (and the base model where the text fits its context).
 
     python bench/memory_eval.py --out OUT --eval-texts DIR [--adapter A] [--passkey 32768,...]
+        [--recall 32768,...] [--short 1024,4096]
 
 Writes OUT/memory_eval.jsonl and OUT/memory_eval.md.
 """
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from infini_core import InfiniConfig
 from infini_core.eval.passkey import passkey_table, run_passkey
+from infini_core.eval.recall import run_recall
 from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, perplexity, stream_nll
 from infini_core.loading import DEFAULT_MODEL, checkpoint_dir, load_model
 
@@ -28,11 +30,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--eval-texts", type=Path, required=True, help="folder of held-out .txt files")
     ap.add_argument("--adapter", type=Path)
+    ap.add_argument("--paper-adapter", type=Path, help="an adapter trained with `infini train --paper`, "
+                    "for the perplexity of the paper's formulation beside ours")
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--passkey", default="32768,131072,262144,524288,1048576")
     ap.add_argument("--trials", type=int, default=1)
     ap.add_argument("--bucket", type=int, default=8192)
-    ap.add_argument("--short", type=int, default=1024, help="tokens of each short-text excerpt")
+    ap.add_argument("--recall", default="32768,131072", help="lengths of the many-facts recall test ('' skips)")
+    ap.add_argument("--facts", type=int, default=10)
+    ap.add_argument("--short", default="1024,4096", help="tokens of the short-text excerpts, one check per length")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "memory_eval.jsonl", "a")
@@ -45,7 +51,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     trained = load_model(args.model, adapter=args.adapter) if args.adapter else None
-    closed = load_model(args.model, infini=trained.config if trained else InfiniConfig())  # gate closed: segment-only
+    paper = load_model(args.model, adapter=args.paper_adapter) if args.paper_adapter else None
+    # gate closed: segment-only
+    closed = load_model(args.model, infini=trained.config if trained else InfiniConfig(), adapter=None)
     # the unconverted model, for its full context where the text fits
     base = AutoModelForCausalLM.from_pretrained(checkpoint_dir(args.model), dtype=closed.lm.dtype,
                                                 attn_implementation="sdpa").to(closed.device).eval()
@@ -58,11 +66,27 @@ def main() -> None:
         md += [f"Passkey retrieval ({args.trials} trial(s) per cell, {time.perf_counter() - start:.0f} s):", "",
                passkey_table(results), ""]
 
+    texts = sorted(args.eval_texts.glob("*.txt"))
+    if trained and args.recall:
+        book = closed.tokenizer(texts[0].read_text(errors="replace"), add_special_tokens=False).input_ids
+        start = time.perf_counter()
+        rows = run_recall(trained, book, [int(x) for x in args.recall.split(",")], facts=args.facts,
+                          on_result=lambda r: record(kind="recall", text=texts[0].name, **r))
+        md += [f"Recall of {args.facts} facts spread through {texts[0].name} (repeated to length), all asked "
+               f"after reading it once ({time.perf_counter() - start:.0f} s):", "",
+               "| length | found | by depth (first to last) |", "|---|---|---|"]
+        for n in sorted({r["length"] for r in rows}):
+            got = [r["found"] for r in rows if r["length"] == n]
+            md.append(f"| {n:,} | {sum(got)}/{len(got)} | {''.join('x' if g else '.' for g in got)} |")
+        md.append("")
+
     md += ["Perplexity of held-out texts read in one stream (lower is better):", "",
-           "| text | tokens | base, first 8K | segment-only | with memory | by position (segment-only -> memory) |",
-           "|---|---|---|---|---|---|"]
-    short_rows = []
-    for path in sorted(args.eval_texts.glob("*.txt")):
+           "| text | tokens | base, first 8K | segment-only | with memory | paper's formulation | "
+           "by position (segment-only -> memory) |",
+           "|---|---|---|---|---|---|---|"]
+    short = [int(x) for x in args.short.split(",")] if args.short else []
+    short_rows = {n: [] for n in short}
+    for path in texts:
         ids = closed.tokenizer(path.read_text(errors="replace"), add_special_tokens=False).input_ids
         base8k = perplexity(full_context_nll(base, ids[:8192], closed.device))
         seg = stream_nll(closed, ids)
@@ -73,24 +97,30 @@ def main() -> None:
             mem = stream_nll(trained, ids)
             row.update(memory=perplexity(mem), memory_first_8k=perplexity(mem[:8191]),
                        memory_buckets=bucketed_perplexity(mem, args.bucket))
+        if paper:
+            row["paper"] = perplexity(stream_nll(paper, ids))
         record(kind="perplexity", **row)
         buckets = " ".join(f"{a:.1f}->{b:.1f}" for a, b in zip(row["segment_only_buckets"], row.get("memory_buckets", [])))
         md.append(f"| {path.name} | {len(ids):,} | {base8k:.2f} | {row['segment_only']:.2f} | "
-                  f"{row.get('memory', float('nan')):.2f} | {buckets} |")
-        # short texts: excerpts the length of `--short`, each read from scratch
-        for start in range(0, min(len(ids), 16 * args.short), args.short):
-            piece = ids[start:start + args.short]
-            if len(piece) == args.short:
-                full = full_context_nll(base, piece, closed.device).mean().item()
-                ours = stream_nll(trained or closed, piece).mean().item()
-                short_rows.append((full, ours))
-    if short_rows:
-        full = math.exp(sum(b for b, _ in short_rows) / len(short_rows))
-        ours = math.exp(sum(o for _, o in short_rows) / len(short_rows))
-        record(kind="short_text", excerpts=len(short_rows), tokens=args.short, base=full, ours=ours)
-        md += ["", f"Short texts ({len(short_rows)} excerpts of {args.short} tokens, each read from scratch): "
-               f"base model {full:.3f}, {'with adapter' if trained else 'converted'} {ours:.3f} "
-               f"({100 * (ours / full - 1):+.2f}%)."]
+                  f"{row.get('memory', float('nan')):.2f} | {row.get('paper', float('nan')):.2f} | {buckets} |")
+        # short texts: excerpts, each read from scratch, against the base model's full context
+        for n in short:
+            for start in range(0, min(len(ids), 16 * n), n):
+                piece = ids[start:start + n]
+                if len(piece) == n:
+                    full = full_context_nll(base, piece, closed.device).mean().item()
+                    alone = stream_nll(closed, piece).mean().item()
+                    ours = stream_nll(trained, piece).mean().item() if trained else alone
+                    short_rows[n].append((full, alone, ours))
+    if any(short_rows.values()):
+        md += ["", "Short texts (excerpts of the held-out texts, each read from scratch; perplexity):", "",
+               "| tokens | excerpts | base model, full context | segment-only | with memory | memory vs base |",
+               "|---|---|---|---|---|---|"]
+    for n, rows in short_rows.items():
+        if rows:
+            full, alone, ours = (math.exp(sum(r[i] for r in rows) / len(rows)) for i in range(3))
+            record(kind="short_text", excerpts=len(rows), tokens=n, base=full, segment_only=alone, ours=ours)
+            md.append(f"| {n:,} | {len(rows)} | {full:.3f} | {alone:.3f} | {ours:.3f} | {100 * (ours / full - 1):+.2f}% |")
     (args.out / "memory_eval.md").write_text("\n".join(md) + "\n")
 
 
