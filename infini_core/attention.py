@@ -294,7 +294,7 @@ class InfiniAttention(nn.Module):
         else:
             local = self._attend(qs, torch.cat([sink_k, ks], 2), torch.cat([sink_v, vs], 2))
         local = local.unflatten(0, (b, s)).transpose(1, 2).flatten(2, 3)
-        empty = n if state.segments <= self.config.memory_lag else 0
+        # (only segments past the lag come here, so none of them reads an empty memory)
         if self.config.memory_lag:
             # segment 0 reads (M, z); segment i > 0 reads (M_next, z_next) plus segments
             # 0..i-2 of the block: the op with queries shifted one segment after the writes
@@ -308,4 +308,4 @@ class InfiniAttention(nn.Module):
         state.segments += s
         if self.config.xl_window:
             state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
-        return self._mix(local, mem, empty)
+        return self._mix(local, mem)

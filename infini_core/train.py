@@ -103,10 +103,10 @@ class Batches:
         body, placed = recall_sample(self.model.tokenizer, self.lm_row(length), length - 40,
                                      self.rng.randint(1, 4), self.rng)
         name, code, _ = self.rng.choice(placed)
-        tail = enc(RECALL_QUESTION.format(name=name)) + enc(f" {code}")
-        answer = len(enc(f" {code}"))
+        answer = enc(f" {code}")
+        tail = enc(RECALL_QUESTION.format(name=name)) + answer
         extra = length - len(body) - len(tail)  # the row is exactly `length`: fill or trim its front
-        return (self.lm_row(extra) if extra > 0 else []) + body[max(0, -extra):] + tail, answer
+        return (self.lm_row(extra) if extra > 0 else []) + body[max(0, -extra):] + tail, len(answer)
 
     def lm_row(self, length: int) -> list[int]:
         start = self.rng.randrange(0, len(self.corpus) - length)
