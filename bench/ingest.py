@@ -9,7 +9,8 @@ depend on the weights. Paths, each in one run on the same GPU:
   chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
   fused   ours, layer-parallel blocks, memory through the Triton kernels
 Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
-OUT/ingest.png (tokens/s and memory against length).
+OUT/ingest.png (tokens/s and memory against length). `--profile N` instead profiles the
+chunk path reading N tokens and writes OUT/profile.md: where the GPU time goes.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def main() -> None:
     ap.add_argument("--segment-len", type=int, default=512)
     ap.add_argument("--block-tokens", type=int, default=32768, help="tokens per layer-parallel block")
     ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
+    ap.add_argument("--profile", type=int, default=0, help="profile the chunk path on this many tokens instead")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -97,6 +99,9 @@ def main() -> None:
                    "conversion": {"segment_len": args.segment_len, "rule": args.rule}, "source": {}}
     model = InfiniModel(lm, None, fingerprint, ())  # random weights: no tokenizer needed
     block_segments = args.block_tokens // args.segment_len
+    if args.profile:
+        (args.out / "profile.md").write_text(profile_ingest(model, args.profile, block_segments, gpu, args.rule))
+        return
     lengths = [int(x) for x in args.lengths.split(",")]
     rows, out = [], open(args.out / "ingest.jsonl", "w")
 
@@ -148,6 +153,38 @@ def main() -> None:
         del state
     out.close()
     write_report(rows, args.out, gpu)
+
+
+def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: str, top: int = 30) -> str:
+    """A markdown table of the kernels that take the most GPU time while the chunk path
+    reads n random tokens (after one unprofiled, timed read of the same shapes), and how
+    busy they keep the GPU. On a CPU: the operators instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 49152, (n,))
+    cuda = torch.cuda.is_available()
+    start = time.perf_counter()
+    our_ingest(model, ids, "chunk", block_segments)
+    if cuda:
+        sync()
+    wall_ms = (time.perf_counter() - start) * 1e3
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        our_ingest(model, ids, "chunk", block_segments)
+        if cuda:
+            sync()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # on the GPU the aten operators' device time is their kernels' again: kernels only
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and not (cuda and e.key.startswith("aten::"))]
+    total_ms = sum(getattr(e, key) for e in events) / 1e3
+    what = "kernels" if cuda else "operators"
+    lines = [f"The chunk path reading {n:,} random tokens ({device_name}, rule {rule}, blocks of "
+             f"{block_segments} segments): {wall_ms:,.0f} ms unprofiled; its {what} ran {total_ms:,.0f} ms "
+             f"({100 * total_ms / wall_ms:.0f}% of that).", "",
+             f"| {what[:-1]} | calls | ms | share |", "|---|---|---|---|"]
+    for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
+        ms = getattr(e, key) / 1e3
+        lines.append(f"| `{e.key[:90]}` | {e.count} | {ms:,.1f} | {100 * ms / total_ms:.1f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(rows: list[dict], out: Path, gpu: str) -> None:

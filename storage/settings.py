@@ -81,10 +81,11 @@ class Settings(BaseSettings):
     )
     adapter: str = Field(
         "default",
-        description="Infini-attention memory adapter: `default` (the one shipped for the default model; "
-        "none yet), `none` (memory unused), or the path of an adapter file.",
+        description="Infini-attention memory adapter: `default` (the one shipped for the default model), "
+        "`none` (memory unused: gates closed), or the path of an adapter file.",
     )
-    segment_len: int = Field(512, gt=0, description="Tokens per Infini-attention segment.")
+    segment_len: int = Field(512, gt=0, description="Tokens per Infini-attention segment (an adapter is "
+                             "trained for one: another one needs `adapter=none` or an adapter trained for it).")
     max_upload_mb: int = Field(200, gt=0, description="Largest accepted upload, in MB.")
 
     # -- workers ---------------------------------------------------------------------------

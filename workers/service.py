@@ -385,6 +385,12 @@ def _final_snapshot(ctx: Context, s: Session, doc: Document | None) -> Snapshot:
         raise WaitForReading(f'Waiting for "{doc.title}" to be read')
     if doc.status == DocumentStatus.failed:
         raise JobInputError(f'"{doc.title}" could not be read: {doc.error}')
+    if doc.status == DocumentStatus.ready:
+        # read by another model or adapter (an upgrade since): read it again with this one
+        s.refresh(doc, with_for_update=True)  # one reading, however many notice
+        title, reading = doc.title, read_again(s, doc)
+        s.commit()  # the reading must outlive this job's rollback
+        raise WaitForReading(f'"{title}" is being read again for this model', reading)
     raise JobInputError(f'"{doc.title}" has not been read yet (by this model); try again once it is ready')
 
 
@@ -406,15 +412,21 @@ def reread(ctx: Context, snap: Snapshot) -> int | None:
     with ctx.session() as s:
         doc = s.get(Document, snap.document_id, with_for_update=True)  # one reading, however many notice
         s.execute(delete(Snapshot).where(Snapshot.id == snap.id))
-        if doc is None or active_ingest(s, doc.id) is not None:
-            return None
-        # the last reading's params: an encrypted PDF's password is needed again
-        last = s.scalars(select(Job.params).where(Job.document_id == doc.id, Job.kind == JobKind.ingest)
-                         .order_by(Job.id.desc()).limit(1)).first()
-        reading = create_job(s, JobKind.ingest, document_id=doc.id, user_id=doc.owner_id, params=last).id
+        reading = read_again(s, doc) if doc is not None else None
     ctx.snapshots.pop(snap.id, None)
     ctx.blobs.delete(snap.blob_key)  # nobody writes it until the new reading is sent
     return reading
+
+
+def read_again(s: Session, doc: Document) -> int | None:
+    """Queue a new reading of `doc` with its last reading's params (an encrypted PDF's
+    password is needed again), unless one is queued or running. Returns its job id (not
+    sent yet)."""
+    if active_ingest(s, doc.id) is not None:
+        return None
+    last = s.scalars(select(Job.params).where(Job.document_id == doc.id, Job.kind == JobKind.ingest)
+                     .order_by(Job.id.desc()).limit(1)).first()
+    return create_job(s, JobKind.ingest, document_id=doc.id, user_id=doc.owner_id, params=last).id
 
 
 def pages_of(chunks: Sequence[Chunk]) -> list[int]:

@@ -9,7 +9,7 @@ from infini_core import InfiniConfig, gate_parameters, memory_parameters
 from infini_core.eval.passkey import found, passkey_sample, passkey_table, run_passkey
 from infini_core.eval.recall import recall_sample, run_recall
 from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, stream_nll
-from infini_core.loading import load_model
+from infini_core.loading import ModelLoadError, load_model
 from infini_core.train import Batches, TrainConfig, freeze_base, loss_on, train, trainable_groups
 from tests.tiny_models import save_tiny_checkpoint
 
@@ -36,26 +36,42 @@ def test_passkey_sample_places_the_key_where_it_says(model):
     assert found(" 12345.", "12345") and not found(" 1234", "12345") and not found("54321", "12345")
 
 
-def test_batches_have_one_length_and_label_only_answers_or_the_last_segment(model):
-    cfg = TrainConfig(batch_size=4, lm_fraction=0.5, curriculum_steps=1)
-    batches = Batches(model, model.tokenizer(TEXT).input_ids, cfg)
-    ids, labels = batches.next(0)  # curriculum: the key in segment 0, beyond the xl window
+def test_batches_label_answers_or_the_segments_that_read_the_memory(model):
+    cfg = TrainConfig(batch_size=4, lm_fraction=0.5, lm_segments=2, curriculum_steps=1)
+    corpus = model.tokenizer(TEXT).input_ids
+    ids, labels, lm_rows = Batches(model, corpus, cfg).next(0)  # curriculum: the key in segment 0, beyond the xl window
     assert ids.shape == labels.shape and ids.shape[1] == 3 * 256
-    for row, lab in zip(ids, labels):
-        answer = lab != -100
-        assert answer.sum() == len(model.tokenizer(" 12345", add_special_tokens=False).input_ids)
-        needle = model.tokenizer("The pass key is", add_special_tokens=False).input_ids
+    assert lm_rows.tolist() == [True, True, False, False]
+    needle = model.tokenizer("The pass key is", add_special_tokens=False).input_ids
+    for row, lab, lm in zip(ids, labels, lm_rows):
+        labelled = (lab != -100).nonzero().flatten()
+        if lm:  # the one segment that reads the memory
+            assert labelled.tolist() == list(range(2 * 256, 3 * 256)) and (lab[labelled] == row[labelled]).all()
+            continue
+        assert len(labelled) == len(model.tokenizer(" 12345", add_special_tokens=False).input_ids)
         pos = next(i for i in range(len(row)) if row[i:i + len(needle)].tolist() == needle)
         assert pos < 256 - len(needle)
-    ids, labels = batches.next(5)
-    lm_rows = (labels != -100).sum(1) == 256
-    assert lm_rows.sum() == 2  # half the batch: the last segment of long text
+    ids, labels, lm_rows = Batches(model, corpus, TrainConfig(**{**cfg.__dict__, "min_segments": 5, "max_segments": 5})).next(5)
+    assert ids.shape[1] == 5 * 256 and lm_rows.sum() == 2
+    assert ((labels[lm_rows] != -100).sum(1) == 2 * 256).all()  # the last lm_segments segments
+
+
+def test_answers_and_text_are_averaged_apart(model):
+    cfg = TrainConfig(batch_size=4, lm_fraction=0.5, curriculum_steps=0, min_segments=3, max_segments=3)
+    ids, labels, lm_rows = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
+    with torch.no_grad():
+        both, stats = loss_on(model, ids, labels, lm_rows, lm_weight=3.0)
+        answers, _ = loss_on(model, ids[~lm_rows], labels[~lm_rows])
+        text, _ = loss_on(model, ids[lm_rows], labels[lm_rows], torch.ones(2, dtype=torch.bool))
+    torch.testing.assert_close(both, answers + 3.0 * text)
+    assert stats["answer_loss"] == pytest.approx(answers.item(), rel=1e-5)
+    assert stats["lm_loss"] == pytest.approx(text.item(), rel=1e-5)
 
 
 def test_recall_rows_ask_for_a_fact_written_earlier_in_the_row(model):
     tok = model.tokenizer
     cfg = TrainConfig(batch_size=4, lm_fraction=0.25, recall_fraction=0.5, curriculum_steps=0, min_segments=4)
-    ids, labels = Batches(model, tok(TEXT).input_ids, cfg).next(0)
+    ids, labels, _ = Batches(model, tok(TEXT).input_ids, cfg).next(0)
     assert ids.shape[1] >= 4 * 256
     for row, lab in list(zip(ids, labels))[1:3]:
         code = tok.decode(lab[lab != -100])
@@ -70,13 +86,13 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch(model):
     freeze_base(model)
     for gate in gate_parameters(model.lm):  # as train() starts them
         gate.data.fill_(cfg.gate_init)
-    ids, labels = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
+    ids, labels, lm_rows = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
     opt = torch.optim.AdamW(trainable_groups(model, cfg), weight_decay=0.0)
-    before, _ = loss_on(model, ids, labels)
+    before, _ = loss_on(model, ids, labels, lm_rows, cfg.lm_weight)
     before.backward()
     opt.step()
     with torch.no_grad():
-        after, _ = loss_on(model, ids, labels)
+        after, _ = loss_on(model, ids, labels, lm_rows, cfg.lm_weight)
     assert after.item() < before.item()
     # only the adapter trains
     owned = set(memory_parameters(model.lm).values())
@@ -94,6 +110,8 @@ def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
     for name, p in memory_parameters(loaded.lm).items():
         torch.testing.assert_close(p, memory_parameters(model.lm)[name].bfloat16().float())  # stored in bf16
     assert loaded.fingerprint["adapter"] and loaded.config == model.config
+    with pytest.raises(ModelLoadError, match="trained for the conversion"):  # never silently another one
+        load_model(folder, adapter=path, device="cpu", infini=InfiniConfig(segment_len=128))
     # resuming from the checkpoint continues at the saved step
     more = train(model, corpus, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 4}), log=lambda row: None)
     assert more.exists() and len((tmp_path / "train.jsonl").read_text().splitlines()) == 4

@@ -296,6 +296,26 @@ def test_a_question_waits_for_the_reading_of_its_document(embedded):
     assert answered.state == JobState.succeeded and answered.error is None
 
 
+def test_a_document_read_by_an_earlier_model_is_read_again_for_the_new_one(embedded, monkeypatch):
+    """After an upgrade (another model or adapter), a question on a document read before
+    queues a new reading with the same params and waits for it, instead of failing."""
+    ctx = embedded
+    doc_id, first = read(ctx, book(chars=800, topic="compass"))
+    monkeypatch.setitem(ctx.model().fingerprint, "adapter", "an adapter shipped since")
+    question = add_job(ctx, JobKind.answer, doc_id, params={"question": "Where was the compass?"})
+    assert service.answer_question(question, ctx) == "waiting"
+    with ctx.session() as s:
+        readings = s.scalars(select(Job).where(Job.document_id == doc_id, Job.kind == JobKind.ingest)
+                             .order_by(Job.id)).all()
+        snapshots = s.scalars(select(Snapshot.model_fingerprint).where(Snapshot.document_id == doc_id,
+                                                                       Snapshot.kind == SnapshotKind.final)).all()
+    assert readings[0].id == first and len(readings) == 2 and readings[1].params == readings[0].params
+    # no broker: the reading ran at once, then the question that waited for it
+    assert readings[1].state == JobState.succeeded and len(set(snapshots)) == 2
+    answered = job(ctx, question)
+    assert answered.state == JobState.succeeded and answered.attempts == 2
+
+
 def test_the_reaper_sends_again_queued_jobs_the_broker_lost(embedded):
     ctx = embedded
     sent, in_broker = [], [0]
