@@ -14,7 +14,7 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -28,31 +28,33 @@ from .ingest import adds_bos
 from .loading import InfiniModel, save_adapter
 
 
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 400
-    batch_size: int = 16
-    lr_memory: float = 1e-3  # memory Q/K projections
-    lr_gate: float = 0.1  # gates and sharpness: few parameters that must move far
-    gate_init: float = -3.0  # training starts the gates here (converted models start closed)
-    curriculum_steps: int = 80  # keys only the memory can reach
-    min_segments: int = 2
-    max_segments: int = 12
-    # share of every batch (the curriculum's too) that is language modelling on long text:
-    # the loss on the last `lm_segments` segments that read the memory, which keeps the
-    # gates shut wherever the memory would make the next token worse
-    lm_fraction: float = 0.5
-    lm_segments: int = 4
-    # share that asks for one of several facts written into long text (0: run 3 in
-    # docs/results.md, trained with 0.375, lost passkey recall and gained no fact recall)
-    recall_fraction: float = 0.0
-    # loss = mean over answer tokens + lm_weight * mean over language-modelling tokens
-    lm_weight: float = 8.0
-    grad_checkpointing: bool = True
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 100
-    max_minutes: float = 0.0  # stop early (and still write the adapter) after this long; 0: no limit
+    """What `infini train` takes; the defaults are the shipped adapter's run (docs/model.md)."""
+
+    steps: int = _option(400, "optimizer steps")
+    batch_size: int = _option(16, "inputs per step, all of one length")
+    lr_memory: float = _option(1e-3, "learning rate of the memory's low-rank Q/K projections")
+    lr_gate: float = _option(0.1, "learning rate of the gates and sharpness: few parameters that must move far")
+    gate_init: float = _option(-3.0, "gate logit training starts from (converted models start closed, -10)")
+    curriculum_steps: int = _option(80, "first steps whose keys only the memory can reach")
+    min_segments: int = _option(2, "shortest input, in segments")
+    max_segments: int = _option(12, "longest input, in segments")
+    lm_fraction: float = _option(0.5, "share of every batch that is language modelling on long text: it keeps "
+                                 "the gates shut wherever the memory would make the next token worse")
+    lm_segments: int = _option(4, "language-modelling loss on this many last segments that read the memory")
+    recall_fraction: float = _option(0.0, "share asking for one of several facts written into the text (run 3 "
+                                     "in docs/results.md, with 0.375, lost passkeys and gained no recall)")
+    lm_weight: float = _option(8.0, "loss = mean over answer tokens + lm_weight x mean over text tokens")
+    grad_checkpointing: bool = _option(True, "recompute each layer in the backward pass (CUDA)")
+    seed: int = _option(0, "seed of the data and the initialisation")
+    log_every: int = _option(10, "steps between log lines")
+    checkpoint_every: int = _option(100, "steps between resumable checkpoints")
+    max_minutes: float = _option(0.0, "stop after this long, still writing the adapter (0: no limit)")
 
 
 def trainable_groups(model: InfiniModel, cfg: TrainConfig) -> list[dict]:
@@ -265,12 +267,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="infini train", description="Train the memory adapter (base model frozen).")
     ap.add_argument("--data", type=Path, required=True, help="folder of .txt/.md long texts for the LM loss")
     ap.add_argument("--out", type=Path, required=True, help="folder for checkpoints, log and adapter")
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--segment-len", type=int, default=InfiniConfig.segment_len)
-    ap.add_argument("--rule", default=InfiniConfig.rule, choices=["linear", "delta"])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="base model: the default name or a checkpoint folder")
+    ap.add_argument("--segment-len", type=int, default=InfiniConfig.segment_len, help="tokens per segment")
+    ap.add_argument("--rule", default=InfiniConfig.rule, choices=["linear", "delta"], help="memory update rule")
     ap.add_argument("--paper", action="store_true", help="the paper's formulation (shared Q/K, plain ELU+1)")
-    for field, default in asdict(TrainConfig()).items():
-        ap.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
+    for option in fields(TrainConfig):
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if option.type in (bool, "bool") else type(option.default)
+        ap.add_argument("--" + option.name.replace("_", "-"), type=kind, default=option.default,
+                        help=f"{option.metadata['help']} (default {option.default})")
     ap.add_argument("--memory-impl", default="auto", help="memory op implementation (auto, chunk, fused, naive)")
     args = ap.parse_args(argv)
     if not args.data.is_dir():
@@ -279,7 +283,7 @@ def main(argv=None) -> None:
     infini = InfiniConfig.paper(**conv) if args.paper else InfiniConfig(**conv)
     # a fresh adapter (never the shipped one); fp32 master weights, bf16 autocast
     model = load_model(args.model, infini=infini, adapter=None, dtype=torch.float32)
-    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+    cfg = TrainConfig(**{option.name: getattr(args, option.name) for option in fields(TrainConfig)})
     from .memory import use_impl
 
     with use_impl(args.memory_impl) if args.memory_impl != "auto" else contextlib.nullcontext():
