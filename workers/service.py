@@ -464,7 +464,7 @@ def _answer(lease: Lease) -> None:
     # "start" on every attempt: a reader drops what an earlier attempt streamed
     publish(ctx, lease.job_id, {"event": "start", "answer_id": str(answer_id), "cited_pages": pages,
                                  "passages": [{"pages": p.pages, "text": p.text} for p in passages]})
-    text, last = "", time.monotonic()
+    text, last = "", float("-inf")  # the first piece at once: a reader sees the answer begin
     for piece in answer(model, state, question, passages, max_new_tokens=ctx.settings.answer_max_tokens):
         text += piece
         publish(ctx, lease.job_id, {"event": "token", "text": piece})

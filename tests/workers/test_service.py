@@ -251,6 +251,27 @@ def test_answer_without_redis_fills_the_answer_row(embedded):
     assert job(ctx, job_id).state == JobState.succeeded
 
 
+def test_the_answer_row_shows_the_first_piece_at_once(embedded, monkeypatch):
+    """Without Redis the app polls the Answer row: it must hold the answer's beginning
+    while the rest is generated, however fast the model."""
+    ctx = embedded
+    doc_id, _ = read(ctx, book(chars=800, topic="compass"))
+    seen = []
+
+    def two_pieces(*args, **kwargs):
+        yield "The compass"
+        with ctx.session() as s:  # what a reader polling the row sees meanwhile
+            seen.append(s.scalar(select(Answer.answer)))
+        yield " was in the drawer."
+
+    monkeypatch.setattr(service, "answer", two_pieces)
+    job_id = add_job(ctx, JobKind.answer, doc_id, params={"question": "Where was the compass?"})
+    assert service.answer_question(job_id, ctx) == "done"
+    assert seen == ["The compass"]
+    with ctx.session() as s:
+        assert s.scalar(select(Answer.answer)) == "The compass was in the drawer."
+
+
 def test_a_question_on_an_unread_document_fails_with_a_sentence(embedded):
     ctx = embedded
     doc_id = add_document(ctx, book(chars=300), title="Unread")
