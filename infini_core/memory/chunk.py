@@ -2,8 +2,11 @@
 
 Linear rule: the memory each segment reads is a prefix sum of per-segment writes
 sigma(K)^T V, so all states come from one cumsum and all reads from one batched matmul.
-Delta rule: a segment's write depends on the memory it is written into, so the states
-stay a scan over segments; the reads are still batched over all segments.
+Delta rule: M_s = M_{s-1} + sigma(K)^T (V - D sigma(K) M_{s-1}) with D the reciprocal
+read denominators, which depend only on z (itself a prefix sum). So M_s = A_s M_{s-1} + B_s
+with A_s = I - sigma(K)^T D sigma(K) and B_s = sigma(K)^T V, all built at once; the
+recurrence is an associative scan over (A, B) pairs in log2(segments) batched steps
+instead of one small sequential update per segment.
 Same contract and results as `naive.naive_infini_memory`.
 """
 
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .naive import MemoryTensors, empty_memory, feature_map, memory_read, memory_update
+from .naive import EPS, MemoryTensors, empty_memory, feature_map, memory_read
 
 
 def chunk_infini_memory(
@@ -36,23 +39,37 @@ def chunk_infini_memory(
     sk = F.pad(feature_map(k), (0, 0, 0, pad)).view(b, hkv, s, n, dk)
     vf = F.pad(v.float(), (0, 0, 0, pad)).view(b, hkv, s, n, dv)
 
+    writes = sk.transpose(-1, -2) @ vf  # B_s = sigma(K)^T V, [b, h, s, dk, dv]
+    z_after = z0.unsqueeze(2) + sk.sum(-2).cumsum(2)
+    z_before = torch.cat([z0.unsqueeze(2), z_after[:, :, :-1]], 2)  # what segment i reads
     if rule == "linear":
-        M_after = M0.unsqueeze(2) + (sk.transpose(-1, -2) @ vf).cumsum(2)
-        z_after = z0.unsqueeze(2) + sk.sum(-2).cumsum(2)
+        M_after = M0.unsqueeze(2) + writes.cumsum(2)
     elif rule == "delta":
-        M, z = M0, z0
-        after = []
-        for i in range(s):
-            M, z = memory_update(M, z, sk[:, :, i], vf[:, :, i], rule)
-            after.append((M, z))
-        M_after = torch.stack([m for m, _ in after], 2)
-        z_after = torch.stack([zz for _, zz in after], 2)
+        den = sk @ z_before.unsqueeze(-1)  # [b, h, s, n, 1]
+        # an empty memory reads 0 (0 / EPS in naive.py): such rows write their V whole
+        inv = torch.where(den > 0, 1.0 / den.clamp_min(EPS), torch.zeros_like(den))
+        eye = torch.eye(dk, dtype=sk.dtype, device=sk.device)
+        decay = eye - sk.transpose(-1, -2) @ (inv * sk)  # A_s, [b, h, s, dk, dk]
+        first = decay[:, :, :1] @ M0.unsqueeze(2) + writes[:, :, :1]  # fold the initial state in
+        M_after = _scan(decay, torch.cat([first, writes[:, :, 1:]], 2))
     else:
         raise ValueError(f"unknown memory rule {rule!r}")
 
     # segment i reads the state after segment i - 1
     M_before = torch.cat([M0.unsqueeze(2), M_after[:, :, :-1]], 2)
-    z_before = torch.cat([z0.unsqueeze(2), z_after[:, :, :-1]], 2)
     out = memory_read(sq, M_before.unsqueeze(2), z_before.unsqueeze(2))
     out = out.reshape(b, hq, s * n, dv)[:, :, :t]
     return out.to(q.dtype), (M_after[:, :, -1], z_after[:, :, -1])
+
+
+def _scan(decay: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
+    """M_s = A_s M_{s-1} + B_s from M_0 = 0 for every s (dim 2), by doubling: after the step
+    of width d each pair holds the composition of up to 2d segments, where
+    (A2, B2) after (A1, B1) = (A2 A1, A2 B1 + B2)."""
+    a, m = decay, writes
+    d = 1
+    while d < m.shape[2]:
+        m = torch.cat([m[:, :, :d], a[:, :, d:] @ m[:, :, :-d] + m[:, :, d:]], 2)
+        a = torch.cat([a[:, :, :d], a[:, :, d:] @ a[:, :, :-d]], 2)
+        d *= 2
+    return m

@@ -67,7 +67,8 @@ def test_matches_naive_fp32_outputs_state_and_gradients(impl, rule, shape):
     (o1, M1, z1, g1), (o2, M2, z2, g2) = results
     close = dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o2, o1, **close)
-    torch.testing.assert_close(M2, M1, atol=1e-4, rtol=1e-5)  # M sums hundreds of terms
+    # M sums hundreds of terms: the reference's own fp32 error against float64 is ~1.5e-4 here
+    torch.testing.assert_close(M2, M1, atol=3e-4, rtol=1e-5)
     torch.testing.assert_close(z2, z1, atol=1e-4, rtol=1e-5)
     for name, a, b_ in zip("q k v M0 z0".split(), g1, g2):
         torch.testing.assert_close(b_, a, atol=1e-4, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
@@ -89,6 +90,22 @@ def test_matches_naive_bf16(impl, rule):
     torch.testing.assert_close(z2, z1, atol=1e-3, rtol=1e-4)
     for a, b_ in zip(g1, g2):
         torch.testing.assert_close(b_.float(), a.float(), atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_chunk_matches_naive_over_many_segments(rule):
+    """The delta rule's scan runs in log2(segments) doubling steps: 131 segments (not a power
+    of two) from a non-empty state agree with the segment-by-segment reference."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 4, 131 * 8 + 5, 32, generator=g) * 2 for _ in range(2))
+    v = torch.randn(1, 2, 131 * 8 + 5, 32, generator=g)
+    k = k[:, :2]
+    start = naive_infini_memory(q[:, :, :16], k[:, :, :16], v[:, :, :16], 8, rule)[1]
+    o1, (M1, z1) = naive_infini_memory(q, k, v, 8, rule, start)
+    o2, (M2, z2) = chunk_infini_memory(q, k, v, 8, rule, start)
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(M2, M1, atol=1e-3, rtol=1e-4)  # M sums a thousand terms
+    torch.testing.assert_close(z2, z1)
 
 
 def test_continuing_from_a_state_equals_one_pass():

@@ -35,13 +35,14 @@ def next_logits(model, state):
 
 
 def assert_same_state(a: MemoryState, b: MemoryState):
-    """fp32 atol 1e-6, scaled by the tensor's largest entry where that is above 1: M and z
-    sum thousands of terms (entries ~1e2) and their rounding scales with them."""
+    """fp32 atol 5e-6, scaled by the tensor's largest entry where that is above 1: M and z
+    sum thousands of terms (entries ~1e2) and their rounding scales with them; the delta
+    rule's doubling scan groups those sums differently for different piece boundaries."""
     assert a.tokens == b.tokens and a.pending == b.pending
     ta, tb = a.tensors(), b.tensors()
     assert ta.keys() == tb.keys()
     for key in ta:
-        atol = 1e-6 * max(1.0, tb[key].abs().max().item())
+        atol = 5e-6 * max(1.0, tb[key].abs().max().item())
         torch.testing.assert_close(ta[key], tb[key], atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
 
 
