@@ -45,10 +45,6 @@ class LayerState:
     def segment_tokens(self) -> int:
         return self.seg_k.shape[2]
 
-    @property
-    def has_window(self) -> bool:
-        return self.win_k.shape[2] > 0
-
     def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool, lag: int = 0) -> None:
         """Fill in what is missing (a new stream, or empty parts a snapshot leaves out),
         shaped after this layer's keys and values."""

@@ -85,8 +85,9 @@ class Batches:
         self.filler = tok(FILLER, add_special_tokens=False).input_ids
         self.bos = adds_bos(tok)
         self.rng = random.Random(cfg.seed)
-        # with the previous segment in the local window, only keys 2+ segments back need memory
-        self.reach = 2 if model.config.xl_window else 1
+        # the first segment that reads the memory: the memory takes a segment once it has
+        # left the local window (one segment later with the XL window)
+        self.reach = model.config.memory_lag + 1
 
     def passkey_row(self, length: int, memory_only: bool) -> tuple[list[int], int]:
         """(ids, number of answer tokens at the end) of exactly `length` tokens."""
