@@ -7,10 +7,13 @@ depend on the weights. Paths, each in one run on the same GPU:
   hf      Hugging Face transformers, SDPA, the whole text in one forward (the peer)
   naive   ours, one segment per forward, memory through naive.py
   chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
-  fused   ours, layer-parallel blocks, memory through the Triton kernels
+  graph   chunk, with every block after the first two replayed from one CUDA graph
+          (what `ingest` does on CUDA)
+  fused   graph, with the memory through the Triton kernels
 Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
-OUT/ingest.png (tokens/s and memory against length). `--profile N` instead profiles the
-chunk path reading N tokens and writes OUT/profile.md: where the GPU time goes.
+OUT/ingest.png (tokens/s and memory against length). `--profile N` instead profiles one
+path (`--profile-path`, default graph) reading N tokens and writes OUT/profile.md: where
+the GPU time goes.
 """
 
 from __future__ import annotations
@@ -57,18 +60,25 @@ def hf_prefill(base, ids):
         return base.model(input_ids=ids[None], use_cache=False).last_hidden_state
 
 
-def our_ingest(model, ids, impl, block_segments):
+IMPLS = {"naive": ("naive", False), "chunk": ("chunk", False), "graph": ("chunk", True), "fused": ("fused", True)}
+
+
+def our_ingest(model, ids, path, block_segments):
+    impl, graphs = IMPLS[path]
     with use_impl(impl):
-        return ingest(model, ids, block_segments=block_segments)
+        return ingest(model, ids, block_segments=block_segments, cuda_graphs=graphs)
 
 
-def time_to_first_token(model, state_path: Path, question_ids) -> float:
-    """Load the snapshot from disk onto the GPU, run the question, take the first token."""
-    def first():
+def time_to_first_token(model, state_path: Path, question_ids) -> tuple[float, float]:
+    """Seconds to the first token after the question: cold (the snapshot loaded from disk
+    onto the GPU first) and warm (the snapshot already in GPU memory, as the worker's
+    snapshot cache holds recent ones; the answer works on a copy)."""
+    def cold():
         state = MemoryState.load(state_path, model.fingerprint, device="cuda", dtype=torch.bfloat16)
         return next(iter(answer_ids(model, state, question_ids)))
-    seconds, _, _ = measure(first)
-    return seconds
+    held = MemoryState.load(state_path, model.fingerprint, device="cuda", dtype=torch.bfloat16)
+    warm = lambda: next(iter(answer_ids(model, held.fork(), question_ids)))
+    return measure(cold)[0], measure(warm)[0]
 
 
 def answer_ids(model, state, question_ids):
@@ -85,10 +95,12 @@ def main() -> None:
     ap.add_argument("--hf-max", type=int, default=262144, help="longest input for the HF peer (quadratic)")
     ap.add_argument("--naive-max", type=int, default=1048576, help="longest input for the naive path")
     ap.add_argument("--fused-max", type=int, default=1 << 40, help="longest input for the Triton path")
+    ap.add_argument("--chunk-max", type=int, default=1 << 40, help="longest input for the eager chunk path")
     ap.add_argument("--segment-len", type=int, default=512)
     ap.add_argument("--block-tokens", type=int, default=32768, help="tokens per layer-parallel block")
     ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
-    ap.add_argument("--profile", type=int, default=0, help="profile the chunk path on this many tokens instead")
+    ap.add_argument("--profile", type=int, default=0, help="profile one path on this many tokens instead")
+    ap.add_argument("--profile-path", default="graph", choices=sorted(IMPLS))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -100,7 +112,8 @@ def main() -> None:
     model = InfiniModel(lm, None, fingerprint, ())  # random weights: no tokenizer needed
     block_segments = args.block_tokens // args.segment_len
     if args.profile:
-        (args.out / "profile.md").write_text(profile_ingest(model, args.profile, block_segments, gpu, args.rule))
+        (args.out / "profile.md").write_text(profile_ingest(model, args.profile, block_segments, gpu, args.rule,
+                                                                  args.profile_path))
         return
     lengths = [int(x) for x in args.lengths.split(",")]
     rows, out = [], open(args.out / "ingest.jsonl", "w")
@@ -112,11 +125,13 @@ def main() -> None:
         out.flush()
         print(json.dumps(row), flush=True)
 
-    # warm-up: kernels compiled and cuBLAS plans made before anything is timed
+    # warm-up: kernels compiled (Triton, torch.compile: a block of the graph path's shape)
+    # and cuBLAS plans made before anything is timed
     warm = torch.randint(0, 49152, (4 * args.segment_len,), device="cuda")
     hf_prefill(base, warm)
-    for impl in ("naive", "chunk", "fused"):
-        our_ingest(model, warm.cpu(), impl, block_segments)
+    for path in IMPLS:
+        our_ingest(model, warm.cpu(), path, block_segments)
+    our_ingest(model, torch.randint(0, 49152, (4 * args.block_tokens,)), "graph", block_segments)
 
     question = torch.randint(0, 49152, (QUESTION_TOKENS,)).tolist()
     for n in lengths:
@@ -129,19 +144,23 @@ def main() -> None:
                 record(path="hf", tokens=n, error="out of memory")
         else:
             record(path="hf", tokens=n, error=f"not run: one quadratic forward beyond {args.hf_max} tokens")
-        for impl in ("naive", "chunk", "fused"):
-            longest = {"naive": args.naive_max, "fused": args.fused_max}.get(impl, n)
+        for path in IMPLS:
+            longest = {"naive": args.naive_max, "fused": args.fused_max, "chunk": args.chunk_max}.get(path, n)
             if n > longest:
-                record(path=impl, tokens=n, error=f"not run beyond {longest} tokens (too slow)")
+                record(path=path, tokens=n, error=f"not run beyond {longest} tokens (too slow)")
                 continue
-            blocks = 1 if impl == "naive" else block_segments
-            secs, peak, state = measure(lambda: our_ingest(model, ids, impl, blocks))
-            record(path=impl, tokens=n, seconds=secs, tokens_per_s=n / secs, peak_gib=peak)
+            blocks = 1 if path == "naive" else block_segments
+            secs, peak, result = measure(lambda: our_ingest(model, ids, path, blocks))
+            record(path=path, tokens=n, seconds=secs, tokens_per_s=n / secs, peak_gib=peak)
+            if path == "graph":  # the product's path: its snapshot is the one answered from
+                state = result
+            del result
         # answer latency from the last snapshot, against the peer re-reading document + question
         snap = args.out / "bench.infini"
         state.save(snap)
-        ttft = min(time_to_first_token(model, snap, question) for _ in range(3))
-        record(path="snapshot_ttft", tokens=n, seconds=ttft, snapshot_mib=snap.stat().st_size / 2**20)
+        cold, warm = (min(times) for times in zip(*(time_to_first_token(model, snap, question) for _ in range(3))))
+        record(path="snapshot_ttft", tokens=n, seconds=cold, warm_seconds=warm,
+               snapshot_mib=snap.stat().st_size / 2**20)
         snap.unlink()
         if n <= args.hf_max:
             full = torch.cat([ids, torch.tensor(question)]).cuda()
@@ -155,21 +174,24 @@ def main() -> None:
     write_report(rows, args.out, gpu)
 
 
-def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: str, top: int = 30) -> str:
-    """A markdown table of the kernels that take the most GPU time while the chunk path
-    reads n random tokens (after one unprofiled, timed read of the same shapes), and how
+def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: str, path: str,
+                   top: int = 30) -> str:
+    """A markdown table of the kernels that take the most GPU time while `path`
+    reads n random tokens (after a warm-up and an unprofiled, timed read of the same shapes), and how
     busy they keep the GPU. On a CPU: the operators instead."""
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(0, 49152, (n,))
     cuda = torch.cuda.is_available()
+    our_ingest(model, ids, path, block_segments)  # warm-up: kernels compiled, plans made
     start = time.perf_counter()
-    our_ingest(model, ids, "chunk", block_segments)
+    our_ingest(model, ids, path, block_segments)
     if cuda:
         sync()
     wall_ms = (time.perf_counter() - start) * 1e3
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        our_ingest(model, ids, "chunk", block_segments)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        state = our_ingest(model, ids, path, block_segments)
         if cuda:
             sync()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -177,36 +199,55 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
     events = [e for e in prof.key_averages() if getattr(e, key) > 0 and not (cuda and e.key.startswith("aten::"))]
     total_ms = sum(getattr(e, key) for e in events) / 1e3
     what = "kernels" if cuda else "operators"
-    lines = [f"The chunk path reading {n:,} random tokens ({device_name}, rule {rule}, blocks of "
+    lines = [f"The {path} path reading {n:,} random tokens ({device_name}, rule {rule}, blocks of "
              f"{block_segments} segments): {wall_ms:,.0f} ms unprofiled; its {what} ran {total_ms:,.0f} ms "
              f"({100 * total_ms / wall_ms:.0f}% of that).", "",
              f"| {what[:-1]} | calls | ms | share |", "|---|---|---|---|"]
     for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
         ms = getattr(e, key) / 1e3
         lines.append(f"| `{e.key[:90]}` | {e.count} | {ms:,.1f} | {100 * ms / total_ms:.1f}% |")
+    # the first answer token from that snapshot, held in memory: where its CPU time goes
+    question = torch.randint(0, 49152, (QUESTION_TOKENS,)).tolist()
+    first = lambda: next(iter(answer_ids(model, state.fork(), question)))
+    first()
+    start = time.perf_counter()
+    first()
+    ttft_ms = (time.perf_counter() - start) * 1e3
+    with profile(activities=activities) as prof:
+        first()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    lines += ["", f"Time to the first token of a {QUESTION_TOKENS}-token question from that snapshot in memory: "
+              f"{ttft_ms:.0f} ms unprofiled. Operators by their own CPU time (profiled):", "",
+              "| operator | calls | CPU ms | device ms |", "|---|---|---|---|"]
+    for e in ops:
+        lines.append(f"| `{e.key[:90]}` | {e.count} | {e.self_cpu_time_total / 1e3:,.1f} | "
+                     f"{getattr(e, 'self_device_time_total', 0) / 1e3:,.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def write_report(rows: list[dict], out: Path, gpu: str) -> None:
     lengths = sorted({r["tokens"] for r in rows})
-    paths = ["hf", "naive", "chunk", "fused"]
+    paths = ["hf", *IMPLS]
 
     def cell(path, n, key, fmt):
         r = next((r for r in rows if r["path"] == path and r["tokens"] == n), None)
         if r is None:
             return "-"
-        return fmt(r[key]) if key in r else r.get("error", "-").split(":")[0]
+        if key in r:
+            return fmt(r[key])
+        return "not run" if r.get("error", "").startswith("not run") else r.get("error", "-")
 
     kilo = lambda x: f"{x / 1e3:,.0f}K"
     lines = [f"GPU: {gpu}. Default model's configuration, random bf16 weights, rule "
              f"{rows[0]['rule']}, segments of {rows[0]['segment_len']} tokens.", "",
              "| tokens | " + " | ".join(f"{p} tok/s" for p in paths) + " | " + " | ".join(f"{p} peak GiB" for p in paths)
-             + " | TTFT from snapshot | HF re-read TTFT | snapshot MiB |",
+             + " | TTFT from snapshot (cold / warm) | HF re-read TTFT | snapshot MiB |",
              "|" + "---|" * (2 * len(paths) + 4)]
     for n in lengths:
         lines.append(f"| {n:,} | " + " | ".join(cell(p, n, "tokens_per_s", kilo) for p in paths) + " | "
                      + " | ".join(cell(p, n, "peak_gib", lambda x: f"{x:.2f}") for p in paths) + " | "
-                     + cell("snapshot_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
+                     + cell("snapshot_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " / "
+                     + cell("snapshot_ttft", n, "warm_seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
                      + cell("hf_reread_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
                      + cell("snapshot_ttft", n, "snapshot_mib", lambda x: f"{x:.1f}") + " |")
     (out / "ingest.md").write_text("\n".join(lines) + "\n")

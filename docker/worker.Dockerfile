@@ -13,6 +13,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     INFINI_CACHE_DIR=/opt/infini/cache \
     HF_HUB_OFFLINE=1
 
+# a C compiler: Triton (torch.compile's kernels for the CUDA-graphed reading, and the fused
+# memory kernels) builds its launchers with one at run time; the runtime image has none
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /opt/infini
 COPY pyproject.toml README.md ./
 COPY infini_core ./infini_core

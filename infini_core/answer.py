@@ -63,7 +63,7 @@ def answer(
     if not question.strip():
         raise ValueError("the question is empty")
     state.check_compatible(model.fingerprint)
-    work = state.clone()  # many questions may run on one snapshot
+    work = state.fork()  # many questions may run on one snapshot
     tok = model.tokenizer
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     ids = prompt_ids(model, question, passages, mid_stream=state.tokens > 0)

@@ -16,6 +16,7 @@ Keys are cached before RoPE and rotated at their window position when used.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from .memory import RULES, feature_map, infini_memory, memory_read, memory_update
+from .memory import RULES, chosen_impl, feature_map, infini_memory, memory_read, memory_update
 from .memory.naive import group_queries
 from .state import LayerState
 
@@ -165,30 +166,9 @@ class InfiniAttention(nn.Module):
     # -- local attention ---------------------------------------------------------------
 
     def _attend(self, q, k, v) -> torch.Tensor:
-        """Causal attention of q, the last tokens of the window, over the window's k, v;
-        all before RoPE. Sliding layers also drop keys `sliding_window` or more back."""
-        n_q, n_k = q.shape[-2], k.shape[-2]
-        q_start = n_k - n_q
-        cos, sin = self._rope.get(n_k, q, self.layer_type)
-        q = rotate(q, cos[q_start:], sin[q_start:])
-        k = rotate(k, cos, sin)
-        sdpa = dict(scale=self.scaling, enable_gqa=True)
-        if self.sliding_window is not None:
-            i = torch.arange(q_start, n_k, device=q.device)[:, None]
-            j = torch.arange(n_k, device=q.device)[None]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - self.sliding_window), **sdpa)
-        if q_start == 0 or n_q == 1:  # plain causal, or one new token that sees everything
-            return F.scaled_dot_product_attention(q, k, v, is_causal=n_q > 1, **sdpa)
-        if 2 * n_q + self.config.sink_tokens >= n_k:
-            # flash kernels take plain causal attention: padding the queries in front (their
-            # outputs dropped) costs less than the dense-mask kernel a window-end mask gets
-            q = F.pad(q, (0, 0, q_start, 0))
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)[:, :, q_start:]
-        # causal aligned to the window's end: flash/efficient kernels take this without a
-        # dense mask, but not with grouped heads, so those are expanded
-        groups = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=self.scaling)
+        cos, sin = self._rope.get(k.shape[-2], q, self.layer_type)
+        return local_attention(q, k, v, cos, sin, self.scaling, self.n_heads // self.n_kv_heads,
+                               self.config.sink_tokens, self.sliding_window)
 
     # -- forward -----------------------------------------------------------------------
 
@@ -238,13 +218,12 @@ class InfiniAttention(nn.Module):
             piece = slice(start, start + min(room, t - start))
             outs.append(self._segment_piece(state, q[:, :, piece], k[:, :, piece], v[:, :, piece], mq[:, :, piece], mk[:, :, piece]))
             start = piece.stop
-        return torch.cat(outs, dim=2)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _mix(self, local: torch.Tensor, mem: torch.Tensor, empty_tokens: int = 0) -> torch.Tensor:
         """Gate the memory in; the first `empty_tokens` read an empty memory and, unless
         the config says to mix those too, keep the local attention as it is."""
-        g = torch.sigmoid(self.memory_gate.float())[None, :, None, None]
-        mixed = (g * mem.float() + (1 - g) * local.float()).to(local.dtype)
+        mixed = gate_mix(local, mem, self.memory_gate)
         if empty_tokens and not self.config.mix_empty_memory:
             mixed = torch.cat([local[:, :, :empty_tokens], mixed[:, :, empty_tokens:]], dim=2)
         return mixed
@@ -270,8 +249,7 @@ class InfiniAttention(nn.Module):
         return self._mix(local, mem, empty)
 
     def _read(self, mq, M, z) -> torch.Tensor:
-        sq = group_queries(feature_map(mq), self.n_kv_heads)
-        return memory_read(sq, M.unsqueeze(2), z.unsqueeze(2)).flatten(1, 2)
+        return read_memory(mq, M, z, self.n_kv_heads)
 
     def _write(self, M, z, mk, v):
         return memory_update(M, z, feature_map(mk), v, self.config.rule)
@@ -279,33 +257,130 @@ class InfiniAttention(nn.Module):
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         """S whole segments starting at a segment boundary, each attending to itself (and
         its predecessor with xl_window) as one batch, the memory through the dispatch op."""
-        b, hq, t, d = q.shape
-        n, s = self.config.segment_len, t // self.config.segment_len
-
-        def per_segment(x):  # [B, H, S*N, D] -> [B*S, H, N, D]
-            return x.unflatten(2, (s, n)).transpose(1, 2).flatten(0, 1)
-
-        qs, ks, vs = per_segment(q), per_segment(k), per_segment(v)
-        sink_k, sink_v = (x.unsqueeze(1).expand(-1, s, -1, -1, -1).flatten(0, 1) for x in (state.sink_k, state.sink_v))
-        if self.config.xl_window:
-            prev_k = torch.cat([state.win_k.unsqueeze(1), ks.unflatten(0, (b, s))[:, :-1]], 1).flatten(0, 1)
-            prev_v = torch.cat([state.win_v.unsqueeze(1), vs.unflatten(0, (b, s))[:, :-1]], 1).flatten(0, 1)
-            local = self._attend(qs, torch.cat([sink_k, prev_k, ks], 2), torch.cat([sink_v, prev_v, vs], 2))
-        else:
-            local = self._attend(qs, torch.cat([sink_k, ks], 2), torch.cat([sink_v, vs], 2))
-        local = local.unflatten(0, (b, s)).transpose(1, 2).flatten(2, 3)
-        # (only segments past the lag come here, so none of them reads an empty memory)
-        if self.config.memory_lag:
-            # segment 0 reads (M, z); segment i > 0 reads (M_next, z_next) plus segments
-            # 0..i-2 of the block: the op with queries shifted one segment after the writes
-            first = self._read(mq[:, :, :n], state.M, state.z)
-            rest, (state.M, state.z) = infini_memory(mq[:, :, n:], mk[:, :, :-n], v[:, :, :-n], n,
-                                                     self.config.rule, (state.M_next, state.z_next))
-            mem = torch.cat([first, rest.to(first.dtype)], dim=2)
-            state.M_next, state.z_next = self._write(state.M, state.z, mk[:, :, -n:], v[:, :, -n:])
-        else:
-            mem, (state.M, state.z) = infini_memory(mq, mk, v, n, self.config.rule, (state.M, state.z))
-        state.segments += s
-        if self.config.xl_window:
+        cfg, n = self.config, self.config.segment_len
+        window = state.sink_k.shape[2] + (2 if cfg.xl_window else 1) * n
+        cos, sin = self._rope.get(window, q, self.layer_type)
+        spec = BlockSpec(n, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling, self.n_kv_heads,
+                         chosen_impl())
+        # compiled (fused elementwise kernels) only inside `compiled_blocks`: a new shape
+        # costs a compilation, so only the fixed-size blocks of a long read take that path
+        run = _compiled_whole_segments() if _compiling and spec.impl == "chunk" else whole_segments
+        out, (state.M, state.z, state.M_next, state.z_next) = run(
+            spec, self.memory_gate, cos, sin, q, k, v, mq, mk, state.sink_k, state.sink_v, state.win_k,
+            state.win_v, state.M, state.z, state.M_next, state.z_next)
+        state.segments += q.shape[2] // n
+        if cfg.xl_window:
             state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
-        return self._mix(local, mem)
+        return out
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What `whole_segments` needs of a layer besides tensors (the same for all layers of a
+    model, so one compiled version serves them all)."""
+
+    segment_len: int
+    rule: str
+    xl_window: bool
+    lagged: bool  # the memory lags the window by a segment (M_next, z_next)
+    scaling: float
+    kv_heads: int
+    impl: str  # of the memory op
+
+
+def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sink_v, win_k, win_v,
+                   M, z, M_next, z_next):
+    """Local attention and memory of S whole segments (q, k, v, mq, mk: [B, H, S*N, D], all
+    past the lag, so none reads an empty memory), gated together; and the memory after them
+    (M, z, M_next, z_next). Tensors in, tensors out: torch.compile takes it whole."""
+    b, hq, t, d = q.shape
+    n, s = spec.segment_len, t // spec.segment_len
+
+    def per_segment(x):  # [B, H, S*N, D] -> [B*S, H, N, D]
+        return x.unflatten(2, (s, n)).transpose(1, 2).flatten(0, 1)
+
+    qs, ks, vs = per_segment(q), per_segment(k), per_segment(v)
+    sinks = [x.unsqueeze(1).expand(-1, s, -1, -1, -1).flatten(0, 1) for x in (sink_k, sink_v)]
+    if spec.xl_window:  # each segment's window: sinks, the previous segment, itself
+        prev = [torch.cat([w.unsqueeze(1), x.unflatten(0, (b, s))[:, :-1]], 1).flatten(0, 1)
+                for w, x in ((win_k, ks), (win_v, vs))]
+        wk, wv = (torch.cat([sk, pk, xs], 2) for sk, pk, xs in zip(sinks, prev, (ks, vs)))
+    else:
+        wk, wv = (torch.cat([sk, xs], 2) for sk, xs in zip(sinks, (ks, vs)))
+    local = local_attention(qs, wk, wv, cos, sin, spec.scaling, hq // spec.kv_heads, sink_k.shape[2])
+    local = local.unflatten(0, (b, s)).transpose(1, 2).flatten(2, 3)
+    if spec.lagged:
+        # segment 0 reads (M, z); segment i > 0 reads (M_next, z_next) plus segments
+        # 0..i-2 of the block: the op with queries shifted one segment after the writes
+        first = read_memory(mq[:, :, :n], M, z, spec.kv_heads)
+        rest, (M, z) = infini_memory(mq[:, :, n:], mk[:, :, :-n], v[:, :, :-n], n, spec.rule,
+                                     (M_next, z_next), impl=spec.impl)
+        mem = torch.cat([first, rest.to(first.dtype)], dim=2)
+        M_next, z_next = memory_update(M, z, feature_map(mk[:, :, -n:]), v[:, :, -n:], spec.rule)
+    else:
+        mem, (M, z) = infini_memory(mq, mk, v, n, spec.rule, (M, z), impl=spec.impl)
+    return gate_mix(local, mem, gate), (M, z, M_next, z_next)
+
+
+def read_memory(mq, M, z, kv_heads: int) -> torch.Tensor:
+    """What memory queries mq [B, Hq, T, D] read from (M, z) of the KV heads."""
+    sq = group_queries(feature_map(mq), kv_heads)
+    return memory_read(sq, M.unsqueeze(2), z.unsqueeze(2)).flatten(1, 2)
+
+
+def gate_mix(local: torch.Tensor, mem: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """sigmoid(gate) of the memory plus the rest of the local attention, per query head."""
+    g = torch.sigmoid(gate.float())[None, :, None, None]
+    return (g * mem.float() + (1 - g) * local.float()).to(local.dtype)
+
+
+def local_attention(q, k, v, cos, sin, scaling: float, groups: int, sink_tokens: int,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of q, the last tokens of the window, over the window's k, v (all
+    before RoPE; cos/sin of window positions, at least as many as keys). Sliding windows
+    also drop keys `sliding_window` or more back."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    q_start = n_k - n_q
+    q = rotate(q, cos[q_start:n_k], sin[q_start:n_k])
+    k = rotate(k, cos[:n_k], sin[:n_k])
+    sdpa = dict(scale=scaling, enable_gqa=True)
+    if sliding_window is not None:
+        i = torch.arange(q_start, n_k, device=q.device)[:, None]
+        j = torch.arange(n_k, device=q.device)[None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - sliding_window), **sdpa)
+    if q_start == 0 or n_q == 1:  # plain causal, or one new token that sees everything
+        return F.scaled_dot_product_attention(q, k, v, is_causal=n_q > 1, **sdpa)
+    if 2 * n_q + sink_tokens >= n_k:
+        # flash kernels take plain causal attention: padding the queries in front (their
+        # outputs dropped) costs less than the dense-mask kernel a window-end mask gets
+        q = F.pad(q, (0, 0, q_start, 0))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)[:, :, q_start:]
+    # causal aligned to the window's end: flash/efficient kernels take this without a
+    # dense mask, but not with grouped heads, so those are expanded
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scaling)
+
+
+_compiling = False
+_compiled = None
+
+
+@contextmanager
+def compiled_blocks():
+    """Inside, the whole-segment path of memory layers runs through torch.compile (fused
+    kernels instead of dozens of small elementwise ones); the first call of each new
+    shape compiles (seconds to a minute)."""
+    global _compiling
+    before, _compiling = _compiling, True
+    try:
+        yield
+    finally:
+        _compiling = before
+
+
+def _compiled_whole_segments():
+    global _compiled
+    if _compiled is None:
+        # rounding where eager rounds (bf16 casts kept), so compiled blocks read as eager ones do
+        _compiled = torch.compile(whole_segments, dynamic=False, options={"emulate_precision_casts": True})
+    return _compiled

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .attention import compiled_blocks
+from .convert import infini_layers
 from .loading import InfiniModel
-from .state import MemoryState
+from .state import LAYER_TENSORS, LayerState, MemoryState
 from .stream import forward, new_layer_states
+
+log = logging.getLogger(__name__)
+
+# segments per layer-parallel block: a GPU needs big blocks to be busy (32K tokens keep the
+# peak near 3 GiB for the default model); a CPU gains little from them and reports progress
+# less often
+BLOCK_SEGMENTS = {"cuda": 64, "cpu": 8}
 
 
 @dataclass(frozen=True)
@@ -70,21 +81,29 @@ def ingest(
     state: MemoryState | None = None,
     *,
     total_tokens: int | None = None,
-    block_segments: int = 8,
+    block_segments: int | None = None,
+    cuda_graphs: bool | None = None,
     checkpoint_every: int | None = None,
     on_checkpoint: Callable[[MemoryState], None] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> MemoryState:
     """Stream `document` through the model after whatever `state` already holds.
 
-    Whole segments go through in blocks of `block_segments`, so memory use is bounded by
-    the block, not by the document; the unfinished last segment waits in `state.pending`.
+    Whole segments go through in blocks of `block_segments` (default: BLOCK_SEGMENTS for
+    the model's device), so memory use is bounded by the block, not by the document; the
+    unfinished last segment waits in `state.pending`. On CUDA (or with `cuda_graphs`) the
+    blocks of a long document replay one captured CUDA graph (`BlockGraph`).
     Every `checkpoint_every` segments `on_checkpoint` gets the live state (save it; reading
     the rest of the document into a reloaded checkpoint gives the same final state).
     """
     state = state if state is not None else new_state(model)
     state.check_compatible(model.fingerprint)
     n = model.config.segment_len
+    device = torch.device(model.device)
+    if block_segments is None:
+        block_segments = BLOCK_SEGMENTS.get(device.type, BLOCK_SEGMENTS["cpu"])
+    if cuda_graphs is None:
+        cuda_graphs = device.type == "cuda"
     block = block_segments * n
     if checkpoint_every:
         block = min(block, checkpoint_every * n)
@@ -96,6 +115,7 @@ def ingest(
         total_tokens = sum(map(len, pieces))
 
     done, started = 0, time.perf_counter()
+    graph: BlockGraph | None = None
 
     def report() -> None:
         if on_progress:
@@ -105,9 +125,16 @@ def ingest(
 
     def run(ids: list[int]) -> None:
         """Whole segments through the model (no LM head)."""
-        nonlocal done
+        nonlocal done, graph, cuda_graphs
         before = state.tokens
-        forward(model.lm, torch.tensor([ids], device=model.device), state.layers, logits=False)
+        left = None if total_tokens is None else total_tokens - done
+        if graph is not None and len(ids) == graph.length:
+            graph.replay(ids)
+        elif cuda_graphs and len(ids) == block and (left is None or left >= 3 * block) and BlockGraph.steady(model, state):
+            graph = BlockGraph.capture(model, state.layers, ids)
+            cuda_graphs = graph is not None  # shapes that change from block to block: eager
+        else:
+            forward(model.lm, torch.tensor([ids], device=model.device), state.layers, logits=False)
         state.tokens += len(ids)
         done += len(ids)
         report()
@@ -133,3 +160,76 @@ def ingest(
     if state.tokens == 0:
         raise ValueError("the document has no text to read")
     return state
+
+
+class BlockGraph:
+    """One block's forward captured as a CUDA graph and replayed for every later block of the
+    same length. A block is thousands of small kernels, and launching them one by one from
+    Python kept the GPU idle more than half the time (docs/benchmarks.md). The layer states
+    move into buffers of their own, which each replay reads and overwrites in place."""
+
+    def __init__(self, model: InfiniModel, layers: list[LayerState], length: int):
+        self.model, self.layers, self.length = model, layers, length
+        self.segments = length // model.config.segment_len
+        self.ids = torch.zeros(1, length, dtype=torch.long, device=model.device)
+        self.graph = torch.cuda.CUDAGraph()
+
+    @staticmethod
+    def steady(model: InfiniModel, state: MemoryState) -> bool:
+        """Whether every later block takes the same path with the same shapes: all memory
+        layers past the start (whole-segment path, sinks kept), and on a segment boundary."""
+        lag = model.config.memory_lag
+        return all(layer.segments > lag and layer.seg_k is not None and layer.seg_k.shape[2] == 0
+                   for attn, layer in zip(infini_layers(model.lm), state.layers) if attn.has_memory)
+
+    @classmethod
+    def capture(cls, model: InfiniModel, layers: list[LayerState], ids: list[int]) -> "BlockGraph | None":
+        """Read `ids` eagerly on a side stream (the warm-up capture needs: cuBLAS, cuDNN and
+        torch.compile set themselves up on first use), then capture the next block's
+        forward, compiled (`compiled_blocks`). Returns None, having read `ids`, if the
+        state's shapes would change from block to block."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        block = torch.tensor([ids], device=model.device)
+        cls._own_buffers(layers)  # the warm-up sees the layout the capture will: compiled code is specialised to it
+        before = [replace(l) for l in layers]
+        compiled = True
+        with torch.cuda.stream(side):
+            try:
+                with compiled_blocks():
+                    forward(model.lm, block, layers, logits=False)
+            except Exception as error:  # no working compiler here: the same graph, uncompiled
+                log.warning("torch.compile failed (%s); reading with uncompiled CUDA graphs", error)
+                layers[:] = before  # (what the failed forward replaced, put back)
+                forward(model.lm, block, layers, logits=False)
+                compiled = False
+        torch.cuda.current_stream().wait_stream(side)
+        self = cls(model, layers, len(ids))
+        cls._own_buffers(layers)
+        shadow = [replace(l) for l in layers]  # what the capture binds: same tensors, own counters
+        with compiled_blocks() if compiled else contextlib.nullcontext(), torch.cuda.graph(self.graph):
+            forward(model.lm, self.ids, shadow, logits=False)
+            for layer, after in zip(layers, shadow):
+                for name in LAYER_TENSORS:
+                    old, new = getattr(layer, name), getattr(after, name)
+                    if new is old:
+                        continue
+                    if old is None or new.shape != old.shape:
+                        return None  # (captured nothing that has run; the caller reads eagerly)
+                    old.copy_(new)
+        return self
+
+    @staticmethod
+    def _own_buffers(layers: list[LayerState]) -> None:
+        """Each state tensor in a contiguous buffer of its own (a window may be a strided
+        view of a block's keys, which the graph must not hold on to)."""
+        for layer in layers:
+            for name in LAYER_TENSORS:
+                if getattr(layer, name) is not None:
+                    setattr(layer, name, getattr(layer, name).clone(memory_format=torch.contiguous_format))
+
+    def replay(self, ids: list[int]) -> None:
+        self.ids.copy_(torch.tensor([ids]))
+        self.graph.replay()
+        for layer in self.layers:
+            layer.segments += self.segments

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -98,7 +98,7 @@ class LayerState:
 FORMAT = "infini-docqa/memory-state"
 FORMAT_VERSION = 2  # 2: the memory lags the XL window (M_next, z_next); attention sinks
 MEMORY_FIELDS = ("M", "z", "M_next", "z_next")  # fp32, fixed size
-_FIELDS = (*MEMORY_FIELDS, "sink_k", "sink_v", "win_k", "win_v", "seg_k", "seg_v", "seg_mk")
+LAYER_TENSORS = (*MEMORY_FIELDS, "sink_k", "sink_v", "win_k", "win_v", "seg_k", "seg_v", "seg_mk")
 
 
 class StateError(Exception):
@@ -138,7 +138,7 @@ class MemoryState:
         return {
             f"layers.{i}.{name}": getattr(layer, name)
             for i, layer in enumerate(self.layers)
-            for name in _FIELDS
+            for name in LAYER_TENSORS
             if getattr(layer, name) is not None and getattr(layer, name).numel()
         }
 
@@ -163,9 +163,15 @@ class MemoryState:
         return sum(t.numel() * t.element_size() for t in self.stored_tensors()[0].values())
 
     def clone(self) -> "MemoryState":
-        layers = [LayerState(**{n: None if getattr(l, n) is None else getattr(l, n).detach().clone() for n in _FIELDS},
+        layers = [LayerState(**{n: None if getattr(l, n) is None else getattr(l, n).detach().clone() for n in LAYER_TENSORS},
                              segments=l.segments) for l in self.layers]
         return MemoryState(layers, dict(self.fingerprint), self.tokens, list(self.pending))
+
+    def fork(self) -> "MemoryState":
+        """A state to continue without changing this one, sharing its tensors: reading
+        replaces a layer's tensors, never writes into them (a CUDA-graphed ingest writes in
+        place only into buffers it cloned for itself first), so no copy is needed."""
+        return MemoryState([replace(l) for l in self.layers], dict(self.fingerprint), self.tokens, list(self.pending))
 
     def check_compatible(self, fingerprint: dict) -> None:
         """Refuse, with the reason, a state made by anything but this model and conversion."""
@@ -264,7 +270,7 @@ def _checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     for key in sorted(tensors):
         t = tensors[key]
         h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.contiguous().view(torch.uint8).numpy())  # (the buffer itself, not a copy)
     return h.hexdigest()
 
 

@@ -44,7 +44,7 @@ def run_recall(model, book_ids: list[int], lengths: list[int], facts: int = 10, 
         ids, placed = recall_sample(model.tokenizer, book_ids, length, facts, rng)
         state = ingest(model, ids, new_state(model), block_segments=block_segments)
         for name, code, depth in placed:
-            text = greedy_continuation(model, state.clone(), enc(QUESTION.format(name=name)), 7)
+            text = greedy_continuation(model, state.fork(), enc(QUESTION.format(name=name)), 7)
             row = {"length": length, "depth": round(depth, 3), "name": name, "key": code, "generated": text,
                    "found": found(text, code)}
             rows.append(row)

