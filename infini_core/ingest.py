@@ -94,7 +94,8 @@ def ingest(
     unfinished last segment waits in `state.pending`. On CUDA (or with `cuda_graphs`) the
     blocks of a long document replay one captured CUDA graph (`BlockGraph`).
     Every `checkpoint_every` segments `on_checkpoint` gets the live state (save it; reading
-    the rest of the document into a reloaded checkpoint gives the same final state).
+    the rest of the document into a reloaded checkpoint gives the same final state). Save
+    or `clone()` it before returning: a CUDA graph overwrites its tensors with the next block.
     """
     state = state if state is not None else new_state(model)
     state.check_compatible(model.fingerprint)
