@@ -131,6 +131,7 @@ def ingest(
         left = None if total_tokens is None else total_tokens - done
         if graph is not None and len(ids) == graph.length:
             graph.replay(ids)
+        # (a capture costs about one eager block of launches: worth it when 2+ replays follow)
         elif cuda_graphs and len(ids) == block and (left is None or left >= 3 * block) and BlockGraph.steady(model, state):
             graph = BlockGraph.capture(model, state.layers, ids)
             cuda_graphs = graph is not None  # shapes that change from block to block: eager
