@@ -171,7 +171,7 @@ class BlockGraph:
     move into buffers of their own, which each replay reads and overwrites in place."""
 
     def __init__(self, model: InfiniModel, layers: list[LayerState], length: int):
-        self.model, self.layers, self.length = model, layers, length
+        self.layers, self.length = layers, length
         self.segments = length // model.config.segment_len
         self.ids = torch.zeros(1, length, dtype=torch.long, device=model.device)
         self.graph = torch.cuda.CUDAGraph()
@@ -193,7 +193,8 @@ class BlockGraph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         block = torch.tensor([ids], device=model.device)
-        cls._own_buffers(layers)  # the warm-up sees the layout the capture will: compiled code is specialised to it
+        for layer in layers:  # the warm-up sees the layout the capture will: compiled code is specialised to it
+            layer.own_tensors()
         before = [replace(l) for l in layers]
         compiled = True
         with torch.cuda.stream(side):
@@ -207,7 +208,8 @@ class BlockGraph:
                 compiled = False
         torch.cuda.current_stream().wait_stream(side)
         self = cls(model, layers, len(ids))
-        cls._own_buffers(layers)
+        for layer in layers:  # the graph's buffers: none a view of a block it no longer holds
+            layer.own_tensors()
         shadow = [replace(l) for l in layers]  # what the capture binds: same tensors, own counters
         with compiled_blocks() if compiled else contextlib.nullcontext(), torch.cuda.graph(self.graph):
             forward(model.lm, self.ids, shadow, logits=False)
@@ -220,15 +222,6 @@ class BlockGraph:
                         return None  # (captured nothing that has run; the caller reads eagerly)
                     old.copy_(new)
         return self
-
-    @staticmethod
-    def _own_buffers(layers: list[LayerState]) -> None:
-        """Each state tensor in a contiguous buffer of its own (a window may be a strided
-        view of a block's keys, which the graph must not hold on to)."""
-        for layer in layers:
-            for name in LAYER_TENSORS:
-                if getattr(layer, name) is not None:
-                    setattr(layer, name, getattr(layer, name).clone(memory_format=torch.contiguous_format))
 
     def replay(self, ids: list[int]) -> None:
         self.ids.copy_(torch.tensor([ids]))

@@ -45,6 +45,13 @@ class LayerState:
     def segment_tokens(self) -> int:
         return self.seg_k.shape[2]
 
+    def own_tensors(self) -> None:
+        """Give each tensor a contiguous buffer of its own: no view into a block's keys, none
+        shared with another state."""
+        for name in LAYER_TENSORS:
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).detach().clone(memory_format=torch.contiguous_format))
+
     def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool, lag: int = 0) -> None:
         """Fill in what is missing (a new stream, or empty parts a snapshot leaves out),
         shaped after this layer's keys and values."""
@@ -163,9 +170,11 @@ class MemoryState:
         return sum(t.numel() * t.element_size() for t in self.stored_tensors()[0].values())
 
     def clone(self) -> "MemoryState":
-        layers = [LayerState(**{n: None if getattr(l, n) is None else getattr(l, n).detach().clone() for n in LAYER_TENSORS},
-                             segments=l.segments) for l in self.layers]
-        return MemoryState(layers, dict(self.fingerprint), self.tokens, list(self.pending))
+        """A copy with tensors of its own."""
+        copy = self.fork()
+        for layer in copy.layers:
+            layer.own_tensors()
+        return copy
 
     def fork(self) -> "MemoryState":
         """A state to continue without changing this one, sharing its tensors: reading
