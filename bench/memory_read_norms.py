@@ -40,6 +40,7 @@ def main() -> None:
     def measured_mix(local, mem, gate):  # every memory layer's gate mix goes through here
         l, m = local.float(), mem.float()
         rows.append(dict(local=l.norm(dim=-1).mean().item(), mem=m.norm(dim=-1).mean().item(),
+                         mem_max=m.norm(dim=-1).max().item(),
                          cos=torch.nn.functional.cosine_similarity(l, m, dim=-1).mean().item(),
                          gate=torch.sigmoid(gate.float()).mean().item()))
         return mix(local, mem, gate)
@@ -57,8 +58,9 @@ def main() -> None:
                 for layer, row in enumerate(rows):
                     out.write(json.dumps(dict(row, memory_layer=layer, tokens=end)) + "\n")
             mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("local", "mem", "cos")}
+            mean["mem_max"] = max(r["mem_max"] for r in rows)
             print(f"{end:>10,} tokens: |local| {mean['local']:.3f}  |memory read| {mean['mem']:.3f}  "
-                  f"cosine {mean['cos']:.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
+                  f"(max {mean['mem_max']:.1f})  cosine {mean['cos']:.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

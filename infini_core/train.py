@@ -25,7 +25,7 @@ from .eval.passkey import FILLER, passkey_sample
 from .eval.recall import QUESTION as RECALL_QUESTION
 from .eval.recall import recall_sample
 from .ingest import adds_bos
-from .loading import InfiniModel, save_adapter
+from .loading import InfiniModel, load_adapter_tensors, read_adapter, save_adapter
 
 
 def _option(default, help: str):
@@ -34,8 +34,9 @@ def _option(default, help: str):
 
 @dataclass
 class TrainConfig:
-    """What `infini train` takes: the shipped adapter's run (docs/model.md), which
-    `--max-minutes 2.9` stopped after 171 of its 400 steps."""
+    """What `infini train` takes: the shipped adapter's first run (docs/model.md), which
+    `--max-minutes 2.9` stopped after 171 of its 400 steps; its second run went on from
+    there with `init_adapter`, `curriculum_steps=0` and `decay_fraction=0.25`."""
 
     steps: int = _option(400, "optimizer steps")
     batch_size: int = _option(16, "inputs per step, all of one length")
@@ -56,6 +57,8 @@ class TrainConfig:
     log_every: int = _option(10, "steps between log lines")
     checkpoint_every: int = _option(100, "steps between resumable checkpoints")
     max_minutes: float = _option(0.0, "stop after this long, still writing the adapter (0: no limit)")
+    decay_fraction: float = _option(0.0, "learning rates fall linearly to zero over this share of the last steps")
+    init_adapter: str = _option("", "start from this adapter's weights (a fresh optimizer; its conversion applies)")
 
 
 def trainable_groups(model: InfiniModel, cfg: TrainConfig) -> list[dict]:
@@ -163,12 +166,18 @@ def loss_on(model: InfiniModel, ids: torch.Tensor, labels: torch.Tensor, lm_rows
     logits = model.lm.lm_head(hidden[:, :-1][where]).float()
     token_loss = F.cross_entropy(logits, target[where], reduction="none")
     correct = logits.argmax(-1) == target[where]
+    # a key counts only with every one of its tokens right
+    row_of = torch.arange(len(ids), device=ids.device)[:, None].expand_as(target)[where]
+    wrong_rows = torch.zeros(len(ids), device=ids.device).index_add_(0, row_of, (~correct).float())
     loss, stats = token_loss.new_zeros(()), {}
     for name, part, weight in (("answer", ~is_lm, 1.0), ("lm", is_lm, lm_weight)):
         if part.any():
             loss = loss + weight * token_loss[part].mean()
             stats[f"{name}_loss"] = token_loss[part].mean().item()
             stats[f"{name}_accuracy"] = correct[part].float().mean().item()
+    answer_rows = torch.zeros(len(ids), dtype=torch.bool, device=ids.device).index_fill_(0, row_of[~is_lm], True)
+    if answer_rows.any():
+        stats["answer_exact"] = (wrong_rows[answer_rows] == 0).float().mean().item()
     return loss, stats
 
 
@@ -194,6 +203,11 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
         opt.load_state_dict(saved["optimizer"])
         batches.rng.setstate(saved["rng"])
         start = saved["step"]
+    elif cfg.init_adapter:
+        tensors, conversion = read_adapter(cfg.init_adapter)
+        if conversion != model.config:
+            raise ValueError(f"{cfg.init_adapter} was trained for {conversion}, the model is converted as {model.config}")
+        load_adapter_tensors(lm, tensors, cfg.init_adapter)
     else:
         with torch.no_grad():
             for gate in gate_parameters(lm):
@@ -213,8 +227,8 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
             step -= 1
             break
         ids, labels, lm_rows = (t.to(model.device) for t in batches.next(step))
-        for g in opt.param_groups:  # short warm-up, then constant
-            g["lr"] = g.setdefault("base_lr", g["lr"]) * min(1.0, (step + 1) / 10)
+        for g in opt.param_groups:
+            g["lr"] = g.setdefault("base_lr", g["lr"]) * lr_factor(step, cfg)
         with autocast:
             loss, stats = loss_on(model, ids, labels, lm_rows, cfg.lm_weight)
         opt.zero_grad(set_to_none=True)
@@ -238,6 +252,13 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
     save_adapter(lm, path, {"train_config": json.dumps(asdict(cfg)), "steps": step + 1, "device": device,
                             "minutes": round((time.perf_counter() - started) / 60, 2)})
     return path
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """A 10-step warm-up, then constant, then (with decay_fraction) a linear fall to zero."""
+    decay_steps = cfg.decay_fraction * cfg.steps
+    cooldown = (cfg.steps - step) / decay_steps if decay_steps else 1.0
+    return min(1.0, (step + 1) / 10, cooldown)
 
 
 def gate_stats(lm) -> dict:
@@ -283,6 +304,8 @@ def main(argv=None) -> None:
         ap.error(f"--data {args.data}: no such folder")
     conv = dict(segment_len=args.segment_len, rule=args.rule)
     infini = InfiniConfig.paper(**conv) if args.paper else InfiniConfig(**conv)
+    if args.init_adapter:  # training goes on with the conversion that adapter was trained for
+        infini = read_adapter(args.init_adapter)[1]
     # a fresh adapter (never the shipped one); fp32 master weights, bf16 autocast
     model = load_model(args.model, infini=infini, adapter=None, dtype=torch.float32)
     cfg = TrainConfig(**{option.name: getattr(args, option.name) for option in fields(TrainConfig)})

@@ -59,7 +59,7 @@ def greedy_continuation(model, state, prompt: list[int], new_tokens: int) -> str
 
 
 def run_passkey(model, lengths: list[int], depths=(0.0, 0.5, 1.0), trials: int = 1, seed: int = 0,
-                block_segments: int = 128, on_result=None) -> list[dict]:
+                block_segments: int | None = None, on_result=None) -> list[dict]:
     """Ingest each sample (all but the question), then decode the key greedily from the
     snapshot, as a user's question would."""
     from ..ingest import adds_bos, ingest, new_state

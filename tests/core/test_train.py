@@ -10,7 +10,7 @@ from infini_core.eval.passkey import found, passkey_sample, passkey_table, run_p
 from infini_core.eval.recall import recall_sample, run_recall
 from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, stream_nll
 from infini_core.loading import ModelLoadError, load_model
-from infini_core.train import Batches, TrainConfig, freeze_base, loss_on, train, trainable_groups
+from infini_core.train import Batches, TrainConfig, freeze_base, loss_on, lr_factor, train, trainable_groups
 from tests.tiny_models import save_tiny_checkpoint
 
 TEXT = "The lighthouse keeper read the old book in the lamp room. " * 300
@@ -64,6 +64,11 @@ def test_answers_and_text_are_averaged_apart(model):
         answers, _ = loss_on(model, ids[~lm_rows], labels[~lm_rows])
         text, _ = loss_on(model, ids[lm_rows], labels[lm_rows], torch.ones(2, dtype=torch.bool))
     torch.testing.assert_close(both, answers + 3.0 * text)
+    with torch.no_grad():  # a key counts as right only with all its tokens right
+        logits = model.lm(input_ids=ids[~lm_rows], use_cache=False).logits[:, :-1]
+    target = labels[~lm_rows][:, 1:]
+    exact = [bool((row.argmax(-1)[t != -100] == t[t != -100]).all()) for row, t in zip(logits, target)]
+    assert stats["answer_exact"] == pytest.approx(sum(exact) / len(exact))
     assert stats["answer_loss"] == pytest.approx(answers.item(), rel=1e-5)
     assert stats["lm_loss"] == pytest.approx(text.item(), rel=1e-5)
 
@@ -115,6 +120,26 @@ def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
     # resuming from the checkpoint continues at the saved step
     more = train(model, corpus, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 4}), log=lambda row: None)
     assert more.exists() and len((tmp_path / "train.jsonl").read_text().splitlines()) == 4
+
+
+def test_training_goes_on_from_an_adapter(model, tmp_path):
+    corpus = model.tokenizer(TEXT).input_ids
+    cfg = TrainConfig(steps=2, batch_size=2, curriculum_steps=1, max_segments=3)
+    first = train(model, corpus, tmp_path / "first", cfg, log=lambda row: None)
+    folder = model.fingerprint["source"]["model"]
+    fresh = load_model(folder, infini=model.config, adapter=None, device="cpu")
+    start = train(fresh, corpus, tmp_path / "next", TrainConfig(steps=0, init_adapter=str(first)), log=lambda row: None)
+    for name, p in memory_parameters(load_model(folder, adapter=start, device="cpu").lm).items():
+        torch.testing.assert_close(p, memory_parameters(model.lm)[name].bfloat16().float())
+    other = load_model(folder, infini=InfiniConfig(segment_len=128), adapter=None, device="cpu")
+    with pytest.raises(ValueError, match="was trained for"):
+        train(other, corpus, tmp_path / "other", TrainConfig(steps=0, init_adapter=str(first)), log=lambda row: None)
+
+
+def test_learning_rates_warm_up_and_decay_to_zero():
+    cfg = TrainConfig(steps=100, decay_fraction=0.2)
+    assert [lr_factor(s, cfg) for s in (0, 9, 50, 80, 90, 99)] == pytest.approx([0.1, 1.0, 1.0, 1.0, 0.5, 0.05])
+    assert lr_factor(99, TrainConfig(steps=100)) == 1.0
 
 
 def test_eval_runs_end_to_end(model):
