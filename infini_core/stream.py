@@ -47,3 +47,12 @@ def continue_stream(model, state, ids: list[int], logits: bool = True):
     state.pending = []
     state.tokens += len(ids)
     return out[:, len(run) - len(ids):]
+
+
+def settle(model, state) -> None:
+    """Run the state's pending tokens (its unfinished last segment) through the model now,
+    so that each question forked from it runs only its own prompt instead of up to a
+    segment more. The state is then mid-segment: it can be forked and continued, not saved."""
+    if state.pending:
+        with torch.no_grad():
+            continue_stream(model, state, [], logits=False)

@@ -38,6 +38,7 @@ from infini_core.retrieval import (
     passages_for,
 )
 from infini_core.state import CorruptStateError, MemoryState, StateError, StateFormatError
+from infini_core.stream import settle
 from storage.db import latest_snapshot
 from storage.models import (
     Answer,
@@ -359,7 +360,8 @@ def _ingest(lease: Lease) -> None:
 
 def load_snapshot(ctx: Context, snapshot: Snapshot) -> tuple[MemoryState, RetrievalIndex]:
     """A snapshot's state and retrieval index; the process keeps the last few loaded
-    (answer() clones the state, so one copy serves every question)."""
+    (answer() forks the state, so one copy serves every question), settled: the
+    document's unfinished last segment is read once here, not again for every question."""
     cache = ctx.snapshots
     if snapshot.id in cache:
         cache.move_to_end(snapshot.id)
@@ -367,6 +369,7 @@ def load_snapshot(ctx: Context, snapshot: Snapshot) -> tuple[MemoryState, Retrie
     model = ctx.model()
     with ctx.blobs.get_path(snapshot.blob_key) as path:
         state = MemoryState.load(path, model.fingerprint, device=model.device, dtype=model.lm.dtype)
+    settle(model, state)
     with ctx.blobs.open(index_key(snapshot.blob_key)) as f:
         index = RetrievalIndex.load(f)
     cache[snapshot.id] = state, index

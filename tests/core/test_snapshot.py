@@ -11,8 +11,9 @@ from infini_core import InfiniConfig
 from infini_core.answer import Passage, answer, build_prompt
 from infini_core.ingest import ingest, new_state
 from infini_core.loading import load_model
-from infini_core.state import FORMAT_VERSION, CorruptStateError, MemoryState, StateFormatError, StateMismatchError
-from infini_core.stream import continue_stream
+from infini_core.state import (FORMAT_VERSION, CorruptStateError, MemoryState, StateError, StateFormatError,
+                               StateMismatchError)
+from infini_core.stream import continue_stream, settle
 from tests.tiny_models import save_tiny_checkpoint
 
 TEXT = " ".join(f"Line {i}: the lighthouse keeper read page {i} of the old book in the lamp room." for i in range(40))
@@ -231,6 +232,24 @@ def test_answer_equals_greedy_decoding_of_the_prompt_after_the_document(model):
                 break
             out.append(nxt)
     assert streamed == tok.decode(out, skip_special_tokens=True)
+
+
+def test_a_settled_snapshot_answers_as_the_snapshot_does(model, tmp_path):
+    """The workers settle a loaded snapshot once (its unfinished segment read ahead) so
+    questions skip it: same logits, same answers, nothing saved mid-segment."""
+    state = ingest(model, TEXT)
+    assert 0 < len(state.pending) < 16
+    settled = state.fork()
+    settle(model, settled)
+    assert settled.pending == [] and settled.tokens == state.tokens
+    prompt = model.tokenizer("What did the keeper read?", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        expected = continue_stream(model, state.fork(), prompt)
+        torch.testing.assert_close(continue_stream(model, settled.fork(), prompt), expected, atol=1e-5, rtol=1e-5)
+    assert list(answer(model, settled, "What did the keeper read?", max_new_tokens=8)) == list(
+        answer(model, state, "What did the keeper read?", max_new_tokens=8))
+    with pytest.raises(StateError, match="middle of a segment"):
+        settled.save(tmp_path / "settled.safetensors")
 
 
 def test_prompt_places_passages_with_pages_before_the_question():

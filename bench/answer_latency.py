@@ -1,0 +1,109 @@
+"""Time to the first answer token from a document's snapshot, as the product answers: three
+retrieved passages and the question after the document's memory.
+
+    python bench/answer_latency.py --text .gpu/data/eval/botchan.txt --out OUT/latency [--unfinished 500]
+
+Reads the text once with the default model and its adapter, saves the snapshot, then times
+the first token of each question (best of --repeats):
+- cold: the snapshot loaded from disk and settled (its unfinished last segment read), as
+  a worker does for the first question on a document;
+- warm: the settled snapshot held in memory, as the worker's cache holds it for every
+  later question;
+- warm, unsettled: held as loaded, so every question also reads the unfinished segment
+  (how the workers answered before they settled their snapshots).
+Writes OUT/answer_latency.jsonl and OUT/answer_latency.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from infini_core.answer import answer
+from infini_core.ingest import document_tokens, ingest, page_texts
+from infini_core.loading import load_model
+from infini_core.retrieval import RetrievalIndex, chunk_pages, passages_for
+from infini_core.state import MemoryState
+from infini_core.stream import settle
+
+QUESTIONS = ("Who teaches mathematics at the school?", "Where does the story take place?",
+             "What does Kiyo give the narrator before he leaves?")
+
+
+def first_token_seconds(prepare, question: str, index: RetrievalIndex, model) -> float:
+    """Seconds from asking to the first streamed text; `prepare` gives the state to answer
+    from and is timed too (loading, settling)."""
+    start = time.perf_counter()
+    state = prepare()
+    next(answer(model, state, question, passages_for(index.search(question, 3)), max_new_tokens=4))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--text", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--page-words", type=int, default=400)
+    ap.add_argument("--unfinished", type=int, help="cut the text's end so this many tokens (< the segment "
+                    "length) are left in its unfinished last segment: how much a question on an unsettled "
+                    "snapshot reads again depends on it")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = load_model(device=args.device)
+    on_gpu = model.device.type == "cuda"
+    device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
+    words = args.text.read_text(errors="replace").split()
+    # what ingest reads, so the passages' token offsets match the stream (as the workers do)
+    pages = page_texts((n + 1, " ".join(words[i:i + args.page_words]))
+                       for n, i in enumerate(range(0, len(words), args.page_words)))
+    index = RetrievalIndex(chunk_pages(pages, model.tokenizer))
+    document = [text for _, text in pages]
+    if args.unfinished is not None:
+        ids = [i for piece in document_tokens(model, document, at_start=True) for i in piece]
+        n = model.config.segment_len
+        if not 0 <= args.unfinished < n:
+            ap.error(f"--unfinished must be in [0, {n})")
+        document = ids[:(len(ids) - args.unfinished) // n * n + args.unfinished]
+    start = time.perf_counter()
+    state = ingest(model, document)
+    read_s = time.perf_counter() - start
+    snap = args.out / "snapshot.infini"
+    state.save(snap)
+    load = lambda: MemoryState.load(snap, model.fingerprint, device=model.device, dtype=model.lm.dtype)
+
+    def loaded_and_settled():
+        s = load()
+        settle(model, s)
+        return s
+
+    held, settled = load(), loaded_and_settled()
+    ways = {"cold": loaded_and_settled, "warm": lambda: settled, "warm, unsettled": lambda: held}
+    rows = []
+    with open(args.out / "answer_latency.jsonl", "w") as out:
+        for question in QUESTIONS:
+            for way, prepare in ways.items():
+                secs = min(first_token_seconds(prepare, question, index, model) for _ in range(args.repeats))
+                row = dict(way=way, question=question, seconds=secs, document_tokens=state.tokens,
+                           unfinished_segment_tokens=len(state.pending), read_seconds=read_s, device=device)
+                rows.append(row)
+                out.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+    md = [f"Time to the first answer token, {args.text.name} ({state.tokens:,} tokens, {len(state.pending)} in "
+          f"its unfinished last segment), three passages and the question; best of {args.repeats}, on {device}.",
+          "", "| question | " + " | ".join(ways) + " |", "|---|" + "---|" * len(ways)]
+    for question in QUESTIONS:
+        cells = [f"{r['seconds']:.2f} s" for r in rows if r["question"] == question]
+        md.append(f"| {question} | " + " | ".join(cells) + " |")
+    (args.out / "answer_latency.md").write_text("\n".join(md) + "\n")
+    snap.unlink()
+
+
+if __name__ == "__main__":
+    main()
