@@ -166,18 +166,18 @@ def loss_on(model: InfiniModel, ids: torch.Tensor, labels: torch.Tensor, lm_rows
     logits = model.lm.lm_head(hidden[:, :-1][where]).float()
     token_loss = F.cross_entropy(logits, target[where], reduction="none")
     correct = logits.argmax(-1) == target[where]
-    # a key counts only with every one of its tokens right
-    row_of = torch.arange(len(ids), device=ids.device)[:, None].expand_as(target)[where]
-    wrong_rows = torch.zeros(len(ids), device=ids.device).index_add_(0, row_of, (~correct).float())
     loss, stats = token_loss.new_zeros(()), {}
     for name, part, weight in (("answer", ~is_lm, 1.0), ("lm", is_lm, lm_weight)):
         if part.any():
             loss = loss + weight * token_loss[part].mean()
             stats[f"{name}_loss"] = token_loss[part].mean().item()
             stats[f"{name}_accuracy"] = correct[part].float().mean().item()
-    answer_rows = torch.zeros(len(ids), dtype=torch.bool, device=ids.device).index_fill_(0, row_of[~is_lm], True)
+    # a key counts only with every one of its tokens right (unlabelled positions count as right)
+    right = torch.ones_like(where)
+    right[where] = correct
+    answer_rows = where.any(1) & ~lm_rows
     if answer_rows.any():
-        stats["answer_exact"] = (wrong_rows[answer_rows] == 0).float().mean().item()
+        stats["answer_exact"] = right.all(1)[answer_rows].float().mean().item()
     return loss, stats
 
 
@@ -306,7 +306,7 @@ def main(argv=None) -> None:
     infini = InfiniConfig.paper(**conv) if args.paper else InfiniConfig(**conv)
     if args.init_adapter:  # training goes on with the conversion that adapter was trained for
         infini = read_adapter(args.init_adapter)[1]
-    # a fresh adapter (never the shipped one); fp32 master weights, bf16 autocast
+    # no adapter loaded here (train() loads --init-adapter's); fp32 master weights, bf16 autocast
     model = load_model(args.model, infini=infini, adapter=None, dtype=torch.float32)
     cfg = TrainConfig(**{option.name: getattr(args, option.name) for option in fields(TrainConfig)})
     from .memory import use_impl
