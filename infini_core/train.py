@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .answer import Passage, prompt_ids
 from .convert import gate_parameters, memory_parameters
 from .eval.passkey import FILLER, passkey_sample
 from .eval.recall import QUESTION as RECALL_QUESTION
@@ -51,6 +52,11 @@ class TrainConfig:
     lm_segments: int = _option(4, "language-modelling loss on this many last segments that read the memory")
     recall_fraction: float = _option(0.0, "share asking for one of several facts written into the text (run 3 "
                                      "in docs/results.md, with 0.375, lost passkeys and gained no recall)")
+    qa_fraction: float = _option(0.0, "share that is question answering as the product asks: real text holding a "
+                                 "question's supporting paragraphs, then the chat prompt (half with the paragraphs "
+                                 "as passages) and the short answer (needs qa_data)")
+    qa_data: str = _option("", "JSON lines of {question, answer, gold: [paragraphs]} for qa_fraction "
+                           "(bench/stage_data.py writes OUT/train-qa/hotpotqa-train.jsonl)")
     lm_weight: float = _option(8.0, "loss = mean over answer tokens + lm_weight x mean over text tokens")
     grad_checkpointing: bool = _option(True, "recompute each layer in the backward pass (CUDA)")
     seed: int = _option(0, "seed of the data and the initialisation")
@@ -91,6 +97,7 @@ class Batches:
         # the first segment that reads the memory: the memory takes a segment once it has
         # left the local window (one segment later with the XL window)
         self.reach = model.config.memory_lag + 1
+        self.qa_items = read_qa_items(cfg.qa_data) if cfg.qa_fraction else []
 
     def passkey_row(self, length: int, memory_only: bool) -> tuple[list[int], int]:
         """(ids, number of answer tokens at the end) of exactly `length` tokens."""
@@ -120,6 +127,26 @@ class Batches:
         extra = length - len(body) - len(tail)  # the row is exactly `length`: fill or trim its front
         return (self.lm_row(extra) if extra > 0 else []) + body[max(0, -extra):] + tail, len(answer)
 
+    def qa_row(self, length: int) -> tuple[list[int], int]:
+        """Real text holding a question's supporting paragraphs (beyond the local window where
+        there is room), then the question as `answer()` asks it in the middle of a document,
+        with those paragraphs as passages in half the rows, then the answer and the end of
+        the turn. A row too short for any question it draws becomes a passkey row."""
+        enc = lambda text: self.model.tokenizer(text, add_special_tokens=False).input_ids
+        for _ in range(20):
+            item = self.rng.choice(self.qa_items)
+            passages = ([Passage(text, str(self.rng.randint(1, 400))) for text in item["gold"]]
+                        if self.rng.random() < 0.5 else [])
+            tail = prompt_ids(self.model, item["question"], passages, mid_stream=True)
+            answer = enc(item["answer"]) + list(self.model.stop_ids[:1])
+            gold = enc("\n\n" + "\n\n".join(item["gold"]) + "\n\n")
+            room = length - len(tail) - len(answer) - len(gold)  # tokens of text around the paragraphs
+            if room >= 0:
+                at = self.rng.randint(0, max(0, room - 2 * self.n))
+                text = self.lm_row(room)
+                return text[:at] + gold + text[at:] + tail + answer, len(answer)
+        return self.passkey_row(length, False)
+
     def lm_row(self, length: int) -> list[int]:
         start = self.rng.randrange(0, len(self.corpus) - length)
         return self.corpus[start:start + length]
@@ -134,14 +161,15 @@ class Batches:
         rows, labels = [], []
         n_lm = round(cfg.lm_fraction * cfg.batch_size) if segments > self.reach else 0
         n_recall = round(cfg.recall_fraction * cfg.batch_size) if not memory_only else 0
+        n_qa = round(cfg.qa_fraction * cfg.batch_size) if not memory_only else 0
         # the language-modelling loss covers the last segments that read the memory
         lm_from = max(self.reach, segments - cfg.lm_segments) * self.n
         for i in range(cfg.batch_size):
             if i < n_lm:
                 ids = self.lm_row(length)
                 lab = [-100] * lm_from + ids[lm_from:]
-            elif i < n_lm + n_recall:
-                ids, answer = self.recall_row(length)
+            elif i < n_lm + n_recall + n_qa:
+                ids, answer = self.recall_row(length) if i < n_lm + n_recall else self.qa_row(length)
                 lab = [-100] * (length - answer) + ids[length - answer:]
             else:
                 # after the curriculum, half the keys still sit in the first segment: the
@@ -268,6 +296,16 @@ def gate_stats(lm) -> dict:
     if taus:
         out["tau_mean"] = sum(taus) / len(taus)
     return out
+
+
+def read_qa_items(path) -> list[dict]:
+    """Questions for qa_row: JSON lines with "question", "answer" and "gold" (paragraphs)."""
+    if not path:
+        raise ValueError("qa_fraction needs qa_data: a JSON-lines file of questions")
+    items = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not items or any({"question", "answer", "gold"} - item.keys() for item in items):
+        raise ValueError(f"{path}: expected JSON lines with question, answer and gold")
+    return items
 
 
 def read_corpus(model: InfiniModel, folder: Path) -> list[int]:

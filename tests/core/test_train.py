@@ -1,11 +1,13 @@
 """Training and evaluation code on a tiny model (the real runs happen on a GPU)."""
 
+import json
 import random
 
 import pytest
 import torch
 
 from infini_core import InfiniConfig, gate_parameters, memory_parameters
+from infini_core.answer import Passage, prompt_ids
 from infini_core.eval.passkey import found, passkey_sample, passkey_table, run_passkey
 from infini_core.eval.recall import recall_sample, run_recall
 from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, stream_nll
@@ -84,6 +86,35 @@ def test_recall_rows_ask_for_a_fact_written_earlier_in_the_row(model):
         question = text.rsplit("What is the code of the ", 1)[1]
         name = question.split("?")[0]
         assert code.strip().isdigit() and f"The code of the {name} is{code}." in text
+
+
+def test_qa_rows_ask_as_the_product_asks_after_text_holding_the_answer(model, tmp_path):
+    item = {"question": "Who kept the lamp?", "answer": "the keeper", "gold": ["The keeper kept the lamp in the room."]}
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps(item) + "\n")
+    cfg = TrainConfig(batch_size=8, lm_fraction=0.0, qa_fraction=1.0, qa_data=str(data), curriculum_steps=0,
+                      min_segments=4, max_segments=4)
+    ids, labels, _ = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
+    enc = lambda text: model.tokenizer(text, add_special_tokens=False).input_ids
+    answer = enc("the keeper") + [model.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    gold = enc("\n\n" + item["gold"][0] + "\n\n")
+    plain = prompt_ids(model, item["question"], [], mid_stream=True)
+    turn = model.tokenizer.convert_tokens_to_ids("<|im_start|>")  # the prompt's first token, in no text
+    kinds = set()
+    for row, lab in zip(ids.tolist(), labels.tolist()):
+        assert [t for t in lab if t != -100] == answer == row[-len(answer):]
+        start = row.index(turn)
+        prompt = model.tokenizer.decode(row[start:-len(answer)])
+        kinds.add("[page " in prompt)
+        if "[page " in prompt:  # the supporting paragraph given as a passage too
+            assert item["gold"][0] in prompt and prompt.endswith(model.tokenizer.decode(plain[-12:]))
+        else:
+            assert row[start:-len(answer)] == plain
+        at = next(i for i in range(len(row)) if row[i:i + len(gold)] == gold)
+        assert start - (at + len(gold)) >= 2 * 256  # the paragraph lies beyond the local window
+    assert kinds == {True, False}
+    with pytest.raises(ValueError, match="qa_data"):
+        Batches(model, model.tokenizer(TEXT).input_ids, TrainConfig(qa_fraction=0.5))
 
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(model):
