@@ -147,7 +147,8 @@ class Settings(BaseSettings):
         160, gt=0, description="Longest summary of one section, in tokens."
     )
     states_cached: int = Field(
-        4, ge=1, description="Memory snapshots each worker process keeps loaded for questions."
+        4, ge=1, description="Memory snapshots each worker process keeps loaded for questions (settled: "
+        "the unfinished last segment already read, so later questions skip it)."
     )
 
     # -- secrets ---------------------------------------------------------------------------
