@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from infini_core.memory import RULES, chunk_infini_memory, infini_memory, naive_infini_memory
 

@@ -24,7 +24,7 @@ from storage.models import (
     Summary,
     utcnow,
 )
-from storage.parsing import Page, parse_document
+from storage.parsing import parse_document
 from tests.workers.helpers import add_document, add_job, book, job
 from workers import jobs, service
 
