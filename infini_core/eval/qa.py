@@ -91,13 +91,15 @@ def squad_questions(data) -> list[Question]:
 
 
 def hotpot_questions(data) -> list[Question]:
-    out = []
-    for q in load_json(data, "hotpotqa.json"):
-        paragraphs = {title: "".join(sentences).strip() for title, sentences in q["context"]}
-        supporting = list(dict.fromkeys(title for title, _ in q["supporting_facts"]))
-        gold = [paragraphs[t] for t in supporting if t in paragraphs]
-        out.append(Question(q["_id"], q["question"], [q["answer"]], gold, frozenset(paragraphs)))
-    return out
+    return [hotpot_question(record) for record in load_json(data, "hotpotqa.json")]
+
+
+def hotpot_question(record: dict) -> Question:
+    """One record of hotpotqa.json; its supporting paragraphs are the gold."""
+    paragraphs = {title: "".join(sentences).strip() for title, sentences in record["context"]}
+    supporting = list(dict.fromkeys(title for title, _ in record["supporting_facts"]))
+    gold = [paragraphs[t] for t in supporting if t in paragraphs]
+    return Question(record["_id"], record["question"], [record["answer"]], gold, frozenset(paragraphs))
 
 
 def squad_paragraphs(data) -> list[tuple[str, str]]:
