@@ -8,7 +8,8 @@ depend on the weights. Paths, each in one run on the same GPU:
   naive   ours, one segment per forward, memory through naive.py
   chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
   graph   chunk, with every block after the first two replayed from one CUDA graph
-          (what `ingest` does on CUDA)
+          whose memory step, norms and MLP are compiled (what `ingest` does on CUDA)
+  graph-attn  graph with only the memory step compiled (the fourth session's graph)
   fused   graph, with the memory through the Triton kernels
 Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
 OUT/ingest.png (tokens/s and memory against length). `--profile N` instead profiles one
@@ -28,7 +29,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from infini_core import InfiniConfig, convert_to_infini
-from infini_core.ingest import ingest
+from infini_core.ingest import BlockGraph, ingest
 from infini_core.loading import InfiniModel
 from infini_core.memory import use_impl
 from infini_core.state import MemoryState
@@ -60,11 +61,13 @@ def hf_prefill(base, ids):
         return base.model(input_ids=ids[None], use_cache=False).last_hidden_state
 
 
-IMPLS = {"naive": ("naive", False), "chunk": ("chunk", False), "graph": ("chunk", True), "fused": ("fused", True)}
+# path -> (memory op, CUDA graphs, decoder's norms and MLP compiled in the graph)
+IMPLS = {"naive": ("naive", False, False), "chunk": ("chunk", False, False), "graph": ("chunk", True, True),
+         "graph-attn": ("chunk", True, False), "fused": ("fused", True, True)}
 
 
 def our_ingest(model, ids, path, block_segments):
-    impl, graphs = IMPLS[path]
+    impl, graphs, BlockGraph.compile_decoder = IMPLS[path]
     with use_impl(impl):
         return ingest(model, ids, block_segments=block_segments, cuda_graphs=graphs)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -363,19 +364,36 @@ def local_attention(q, k, v, cos, sin, scaling: float, groups: int, sink_tokens:
 
 _compiling = False
 _compiled = None
+_compiled_forwards: dict[type, object] = {}  # one compiled forward per module class, shared by all layers
 
 
 @contextmanager
-def compiled_blocks():
+def compiled_blocks(model: nn.Module | None = None):
     """Inside, the whole-segment path of memory layers runs through torch.compile (fused
-    kernels instead of dozens of small elementwise ones); the first call of each new
-    shape compiles (seconds to a minute)."""
+    kernels instead of dozens of small elementwise ones), and so do the other modules of
+    `model`'s decoder layers (norms, MLP: Hugging Face's RMSNorm alone is seven kernels).
+    The first call of each new shape compiles (seconds to a minute)."""
     global _compiling
     before, _compiling = _compiling, True
+    swapped = []
+    for layer in model.base_model.layers if model is not None else ():
+        for child in layer.children():
+            if isinstance(child, InfiniAttention) or not any(True for _ in child.parameters()):
+                continue
+            compiled = _compiled_forwards.get(type(child))
+            if compiled is None:
+                compiled = _compiled_forwards[type(child)] = torch.compile(
+                    type(child).forward, dynamic=False, options={"emulate_precision_casts": True})
+            swapped.append((child, child.__dict__.get("forward")))
+            child.forward = partial(compiled, child)
     try:
         yield
     finally:
         _compiling = before
+        for child, own in swapped:
+            del child.forward
+            if own is not None:
+                child.forward = own
 
 
 def _compiled_whole_segments():

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from torch import nn
+from transformers import AttentionInterface
 
 from .attention import InfiniAttention, InfiniConfig, RopeTable
 
 # model_type of the text config -> the architectures whose attention we know how to reuse
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma3_text")
+
+# A converted model's attention implementation, registered with Hugging Face's public
+# AttentionInterface. It has no mask function, so Hugging Face builds no attention mask for
+# our layers, which mask for themselves: under CUDA-graph capture it otherwise materialised
+# a [T, T] causal mask (1 GiB for a 32K block) in every replayed block.
+ATTENTION_NAME = "infini"
+
+
+def _attention_not_used(*args, **kwargs):
+    raise RuntimeError("InfiniAttention attends by itself; Hugging Face's attention functions are not used")
+
+
+AttentionInterface.register(ATTENTION_NAME, _attention_not_used)
 
 
 def convert_to_infini(model: nn.Module, config: InfiniConfig | None = None) -> nn.Module:
@@ -33,6 +47,7 @@ def convert_to_infini(model: nn.Module, config: InfiniConfig | None = None) -> n
         layer.self_attn = InfiniAttention(
             layer.self_attn, config, hf.num_attention_heads, hf.num_key_value_heads, rope, layer_type, window
         )
+    model.set_attn_implementation(ATTENTION_NAME)
     # the state lives in our layers; Hugging Face's KV cache must not be used
     hf.use_cache = False
     if getattr(model, "generation_config", None) is not None:

@@ -170,6 +170,10 @@ class BlockGraph:
     Python kept the GPU idle more than half the time (docs/benchmarks.md). The layer states
     move into buffers of their own, which each replay reads and overwrites in place."""
 
+    # the decoder layers' norms and MLP compiled too, not only the memory layers' step
+    # (False: the fourth session's graph, which bench/ingest.py measures beside it)
+    compile_decoder = True
+
     def __init__(self, model: InfiniModel, layers: list[LayerState], length: int):
         self.layers, self.length = layers, length
         self.segments = length // model.config.segment_len
@@ -196,10 +200,10 @@ class BlockGraph:
         for layer in layers:  # the warm-up sees the layout the capture will: compiled code is specialised to it
             layer.own_tensors()
         before = [replace(l) for l in layers]
-        compiled = True
+        compiled, decoder = True, model.lm if cls.compile_decoder else None
         with torch.cuda.stream(side):
             try:
-                with compiled_blocks():
+                with compiled_blocks(decoder):
                     forward(model.lm, block, layers, logits=False)
             except Exception as error:  # no working compiler here: the same graph, uncompiled
                 log.warning("torch.compile failed (%s); reading with uncompiled CUDA graphs", error)
@@ -211,7 +215,7 @@ class BlockGraph:
         for layer in layers:  # the graph's buffers: none a view of a block it no longer holds
             layer.own_tensors()
         shadow = [replace(l) for l in layers]  # what the capture binds: same tensors, own counters
-        with compiled_blocks() if compiled else contextlib.nullcontext(), torch.cuda.graph(self.graph):
+        with compiled_blocks(decoder) if compiled else contextlib.nullcontext(), torch.cuda.graph(self.graph):
             forward(model.lm, self.ids, shadow, logits=False)
             for layer, after in zip(layers, shadow):
                 for name in LAYER_TENSORS:

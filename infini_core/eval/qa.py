@@ -380,20 +380,21 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     samples = build_samples(data, model.tokenizer, [int(n) for n in args.lengths.split(",")], args.questions,
                             dataset=args.dataset, seed=args.seed, page_words=args.page_words)
+    head = (f"Long-document QA ({args.dataset}, seed {args.seed}, k={args.k}, {args.max_new_tokens} new tokens) on "
+            f"{device}. Model {args.model}, adapter {args.adapter or 'none'}.")
+    done = []
     with open(args.out / "qa.jsonl", "w") as log:
         def record(row):
             log.write(json.dumps({**row, "dataset": args.dataset, "device": device}) + "\n")
             log.flush()
             print(f"{row['target_tokens']:>8} {row['mode']:<9} depth {row['depth']:.2f} em {row['em']:.0f} "
                   f"f1 {row['f1']:.2f} ttft {1000 * row['ttft_s']:.0f} ms  {row['prediction'][:60]!r}", flush=True)
+            done.append(row)  # the table so far, after every answer: a run cut short keeps it
+            (args.out / "qa.md").write_text(f"{head}\n\n{summary_table(summarize(done), args.k)}\n")
 
-        rows = evaluate(model, samples, modes=modes, k=args.k, max_new_tokens=args.max_new_tokens,
-                        block_segments=args.block_segments, on_row=record)
-    head = (f"Long-document QA ({args.dataset}, seed {args.seed}, k={args.k}, {args.max_new_tokens} new tokens) on "
-            f"{device}. Model {args.model}, adapter {args.adapter or 'none'}.")
-    table = summary_table(summarize(rows), args.k)
-    (args.out / "qa.md").write_text(f"{head}\n\n{table}\n")
-    print(table)
+        evaluate(model, samples, modes=modes, k=args.k, max_new_tokens=args.max_new_tokens,
+                 block_segments=args.block_segments, on_row=record)
+    print(summary_table(summarize(done), args.k))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,29 @@ def test_local_attention_per_segment_equals_hugging_face_on_that_window(arch):
             torch.testing.assert_close(xl[:, s:s + n], base(window).logits[:, -n:], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hugging_face_builds_no_attention_mask_for_our_layers(arch):
+    """Our layers mask for themselves. A mask Hugging Face built for them would be wasted:
+    under CUDA-graph capture it materialised a [T, T] mask in every replayed block."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    base, built = tiny_model(arch), []
+    converted = convert_to_infini(copy.deepcopy(base))
+    spied = {name: ALL_MASK_ATTENTION_FUNCTIONS[name] for name in ("sdpa", "eager")}
+    for name, make in spied.items():  # (a local override of the registry, deleted after)
+        ALL_MASK_ATTENTION_FUNCTIONS[name] = lambda *a, _make=make, **k: built.append(1) or _make(*a, **k)
+    try:
+        with torch.no_grad():
+            base(ids(1, 30))
+            assert built, "the spy sees the masks of an unconverted model"
+            built.clear()
+            converted(ids(1, 30))
+    finally:
+        for name in spied:
+            del ALL_MASK_ATTENTION_FUNCTIONS[name]
+    assert built == []
+
+
 def randomize_adapter(model, seed=0):
     """Trained-looking memory parameters: open gates, non-zero low-rank deltas."""
     g = torch.Generator().manual_seed(seed)

@@ -147,6 +147,24 @@ def test_cli_writes_one_row_per_sample_and_mode_and_a_summary_table(run):
     assert all(line.split(" | ")[2] == "2" for line in table)  # n
 
 
+def test_a_run_cut_short_keeps_the_table_of_what_it_answered(tmp_path, data, monkeypatch):
+    checkpoint, real, answered = save_tiny_checkpoint(tmp_path / "tiny"), qa.answer, []
+
+    def cut_after_four(*args, **kw):
+        if len(answered) == 4:
+            raise KeyboardInterrupt  # a time limit, say
+        answered.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(qa, "answer", cut_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        qa.main(["--lengths", "2048", "--questions", "2", "--out", str(tmp_path / "qa"), "--model", str(checkpoint),
+                 "--device", "cpu", "--data", str(data), "--k", "2", "--max-new-tokens", "4", "--block-segments", "2"])
+    table = [line.split(" | ")[1:3] for line in (tmp_path / "qa" / "qa.md").read_text().splitlines()
+             if line.startswith("| 2K")]
+    assert table == [["retrieval", "2"], ["memory", "1"], ["both", "1"]]
+
+
 def test_memory_mode_sees_the_snapshot_and_no_passages(run):
     rows, calls, _, model = run
     for row, call in zip(rows, calls):

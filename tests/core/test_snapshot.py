@@ -62,15 +62,24 @@ def test_three_pieces_with_save_and_load_between_equal_one_pass(model, tmp_path)
 
 @pytest.mark.slow
 def test_compiled_blocks_read_as_eager_blocks_do(model):
-    """torch.compile of the whole-segment path (what CUDA-graphed blocks run), here through
-    inductor's CPU backend: the first block eager, then blocks of one shape compiled."""
+    """torch.compile of the whole-segment path and of the decoder layers' norms and MLP (what
+    CUDA-graphed blocks run), here through inductor's CPU backend: the first block eager,
+    then blocks of one shape compiled, one compiled forward serving every layer."""
+    from torch._dynamo.utils import counters
+
     from infini_core.attention import compiled_blocks
 
     ids = torch.randint(0, 100, (34 * 16,)).tolist()
     start = ingest(model, ids[:32])  # (the start takes other paths)
     eager = ingest(model, ids[32:], start.clone(), block_segments=8)
-    with compiled_blocks():
+    layer = model.lm.base_model.layers[0]
+    counters.clear()
+    with compiled_blocks(model.lm):
+        assert "forward" in vars(layer.mlp)
         compiled = ingest(model, ids[32:], start.clone(), block_segments=8)
+    assert "forward" not in vars(layer.mlp)  # eager again outside
+    # the memory step, the MLP and the two norms' input shapes: not once per layer
+    assert counters["stats"]["unique_graphs"] <= 4 < len(model.lm.base_model.layers) * 3
     assert_same_state(compiled, eager)
     torch.testing.assert_close(next_logits(model, compiled), next_logits(model, eager), atol=1e-5, rtol=0)
 
