@@ -59,12 +59,16 @@ def main() -> None:
                                                 attn_implementation="sdpa").to(closed.device).eval()
     md = [f"GPU: {gpu}. Model {args.model}, adapter {args.adapter or 'none'}.", ""]
 
+    def write_md():  # after every part: a run cut short by a time limit keeps what it measured
+        (args.out / "memory_eval.md").write_text("\n".join(md) + "\n")
+
     if trained and args.passkey:
         lengths = [int(x) for x in args.passkey.split(",")]
         start = time.perf_counter()
         results = run_passkey(trained, lengths, trials=args.trials, on_result=lambda r: record(kind="passkey", **r))
         md += [f"Passkey retrieval ({args.trials} trial(s) per cell, {time.perf_counter() - start:.0f} s):", "",
                passkey_table(results), ""]
+        write_md()
 
     texts = sorted(args.eval_texts.glob("*.txt"))
     if trained and args.recall:
@@ -79,6 +83,7 @@ def main() -> None:
             got = [r["found"] for r in rows if r["length"] == n]
             md.append(f"| {n:,} | {sum(got)}/{len(got)} | {''.join('x' if g else '.' for g in got)} |")
         md.append("")
+        write_md()
 
     md += ["Perplexity of held-out texts read in one stream (lower is better):", "",
            "| text | tokens | base, first 8K | segment-only | with memory | paper's formulation | "
@@ -103,6 +108,7 @@ def main() -> None:
         buckets = " ".join(f"{a:.1f}->{b:.1f}" for a, b in zip(row["segment_only_buckets"], row.get("memory_buckets", [])))
         md.append(f"| {path.name} | {len(ids):,} | {base8k:.2f} | {row['segment_only']:.2f} | "
                   f"{row.get('memory', float('nan')):.2f} | {row.get('paper', float('nan')):.2f} | {buckets} |")
+        write_md()
         # short texts: excerpts, each read from scratch, against the base model's full context
         for n in short:
             for start in range(0, min(len(ids), 16 * n), n):
@@ -121,7 +127,7 @@ def main() -> None:
             full, alone, ours = (math.exp(sum(r[i] for r in rows) / len(rows)) for i in range(3))
             record(kind="short_text", excerpts=len(rows), tokens=n, base=full, segment_only=alone, ours=ours)
             md.append(f"| {n:,} | {len(rows)} | {full:.3f} | {alone:.3f} | {ours:.3f} | {100 * (ours / full - 1):+.2f}% |")
-    (args.out / "memory_eval.md").write_text("\n".join(md) + "\n")
+    write_md()
 
 
 if __name__ == "__main__":
