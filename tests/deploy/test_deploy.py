@@ -254,6 +254,19 @@ def test_ports_and_volumes_are_consistent():
         assert environment(s[name])["INFINI_BLOB_DIR"] == "/var/lib/infini/blobs", name
 
 
+@pytest.mark.parametrize("path", [COMPOSE, ROOT / "docker-compose.worker.yml"], ids=lambda p: p.name)
+def test_workers_keep_compiled_kernels_on_a_volume(path):
+    """torch.compile's and Triton's caches (where the worker image points them) live on a
+    declared named volume, so a restarted worker does not compile its kernels again."""
+    env = dict(re.findall(r"\b(TORCHINDUCTOR_CACHE_DIR|TRITON_CACHE_DIR)=(\S+)", " ".join(dockerfile(WORKER_DOCKERFILE))))
+    assert env.keys() == {"TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"}
+    doc = load(path)
+    mounts = dict(str(v).split("#")[0].strip().split(":")[:2][::-1] for v in doc["services"]["worker"]["volumes"])
+    for cache in env.values():
+        [volume] = [name for target, name in mounts.items() if cache.startswith(target.rstrip("/") + "/")]
+        assert volume in (doc.get("volumes") or {}), volume
+
+
 # -- settings and secrets ------------------------------------------------------------------
 
 
