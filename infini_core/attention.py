@@ -180,18 +180,25 @@ class InfiniAttention(nn.Module):
                 "or use infini_core.answer / infini_core.model.forward to continue a stream"
             )
         state = self.state if self.state is not None else LayerState()
-        x = hidden_states
-        q_proj, k_proj = self.q_proj(x), self.k_proj(x)
-        q, k = self._heads(q_proj, self.q_norm), self._heads(k_proj, self.k_norm)
-        v = self._heads(self.v_proj(x), None)
+        q, k, v, mq, mk = _answer_step(InfiniAttention._project)(self, hidden_states)
         state.init(k, v, self.has_memory, self.config.memory_lag)
         if self.has_memory:
-            mq, mk = self._memory_qk(x, q, k, q_proj, k_proj)
             out = self._memory_layer(state, q, k, v, mq, mk)
         else:
             out = self._sliding_layer(state, q, k, v)
-        out = out.transpose(1, 2).reshape(*x.shape[:-1], -1)
-        return self.o_proj(out), None
+        return _answer_step(InfiniAttention._output)(self, out), None
+
+    def _project(self, x):
+        """q, k, v as heads, and the memory's queries and keys (None without memory)."""
+        q_proj, k_proj = self.q_proj(x), self.k_proj(x)
+        q, k = self._heads(q_proj, self.q_norm), self._heads(k_proj, self.k_norm)
+        v = self._heads(self.v_proj(x), None)
+        mq, mk = self._memory_qk(x, q, k, q_proj, k_proj) if self.has_memory else (None, None)
+        return q, k, v, mq, mk
+
+    def _output(self, out):
+        """[B, H, T, D] heads -> the output projection."""
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def _sliding_layer(self, state: LayerState, q, k, v) -> torch.Tensor:
         outs = []
@@ -233,11 +240,11 @@ class InfiniAttention(nn.Module):
         """Tokens that all belong to the current segment: attend, read, and write the
         segment into the memory once it is complete."""
         wk, wv = state.local_with(k, v, self.config.xl_window, sinks=state.segments > self.config.memory_lag)
-        local = self._attend(q, wk, wv)
+        cos, sin = self._rope.get(wk.shape[-2], q, self.layer_type)
+        empty = q.shape[2] if state.segments <= self.config.memory_lag else 0
+        out = _answer_step(InfiniAttention._attend_read_mix)(self, q, wk, wv, mq, state.M, state.z, cos, sin, empty)
         if state.segments == 0:
             state.keep_sinks(k, v, self.config.sink_tokens)
-        mem = self._read(mq, state.M, state.z)
-        empty = q.shape[2] if state.segments <= self.config.memory_lag else 0
         state.append_segment(k, v, mk)
         if state.segment_tokens == self.config.segment_len:
             _, seg_v, seg_mk = state.take_segment(self.config.xl_window)
@@ -247,10 +254,14 @@ class InfiniAttention(nn.Module):
             else:
                 state.M, state.z = self._write(state.M, state.z, seg_mk, seg_v)
             state.segments += 1
-        return self._mix(local, mem, empty)
+        return out
 
-    def _read(self, mq, M, z) -> torch.Tensor:
-        return read_memory(mq, M, z, self.n_kv_heads)
+    def _attend_read_mix(self, q, wk, wv, mq, M, z, cos, sin, empty_tokens: int) -> torch.Tensor:
+        """Local attention over the window, the memory read (before this piece is written)
+        and the gate: tensors in, tensor out."""
+        local = local_attention(q, wk, wv, cos, sin, self.scaling, self.n_heads // self.n_kv_heads,
+                                self.config.sink_tokens, self.sliding_window)
+        return self._mix(local, read_memory(mq, M, z, self.n_kv_heads), empty_tokens)
 
     def _write(self, M, z, mk, v):
         return memory_update(M, z, feature_map(mk), v, self.config.rule)
@@ -265,7 +276,8 @@ class InfiniAttention(nn.Module):
                          chosen_impl())
         # compiled (fused elementwise kernels) only inside `compiled_blocks`: a new shape
         # costs a compilation, so only the fixed-size blocks of a long read take that path
-        run = _compiled_whole_segments() if _compiling and spec.impl == "chunk" else whole_segments
+        run = (_compiled_version(whole_segments, dynamic=False) if _compiled_for == "blocks" and spec.impl == "chunk"
+               else whole_segments)
         out, (state.M, state.z, state.M_next, state.z_next) = run(
             spec, self.memory_gate, cos, sin, q, k, v, mq, mk, state.sink_k, state.sink_v, state.win_k,
             state.win_v, state.M, state.z, state.M_next, state.z_next)
@@ -362,43 +374,62 @@ def local_attention(q, k, v, cos, sin, scaling: float, groups: int, sink_tokens:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scaling)
 
 
-_compiling = False
-_compiled = None
-_compiled_forwards: dict[type, object] = {}  # one compiled forward per module class, shared by all layers
+_compiled_for: str | None = None  # inside compiled_blocks: "blocks"; inside compiled_answers: "answers"
+_compiled_steps: dict = {}  # (function, dynamic) -> its compiled version, shared by all layers
+
+
+def _compiled_version(fn, dynamic: bool):
+    compiled = _compiled_steps.get((fn, dynamic))
+    if compiled is None:
+        # rounding where eager rounds (bf16 casts kept), so compiled code reads as eager code does
+        compiled = _compiled_steps[fn, dynamic] = torch.compile(
+            fn, dynamic=dynamic, options={"emulate_precision_casts": True})
+    return compiled
 
 
 @contextmanager
-def compiled_blocks(model: nn.Module | None = None):
-    """Inside, the whole-segment path of memory layers runs through torch.compile (fused
-    kernels instead of dozens of small elementwise ones), and so do the other modules of
-    `model`'s decoder layers (norms, MLP: Hugging Face's RMSNorm alone is seven kernels).
-    The first call of each new shape compiles (seconds to a minute)."""
-    global _compiling
-    before, _compiling = _compiling, True
+def _compiling(kind: str, model: nn.Module | None):
+    """Compiled steps for `kind` while inside, and the modules of `model`'s decoder layers
+    besides the attention (norms, MLP: Hugging Face's RMSNorm alone is eight operations)
+    compiled too; answers with dynamic shapes, blocks with static ones."""
+    global _compiled_for
+    before, _compiled_for = _compiled_for, kind
     swapped = []
-    for layer in model.base_model.layers if model is not None else ():
-        for child in layer.children():
-            if isinstance(child, InfiniAttention) or not any(True for _ in child.parameters()):
-                continue
-            compiled = _compiled_forwards.get(type(child))
-            if compiled is None:
-                compiled = _compiled_forwards[type(child)] = torch.compile(
-                    type(child).forward, dynamic=False, options={"emulate_precision_casts": True})
-            swapped.append((child, child.__dict__.get("forward")))
-            child.forward = partial(compiled, child)
     try:
+        for layer in model.base_model.layers if model is not None else ():
+            for child in layer.children():
+                if isinstance(child, InfiniAttention) or not any(True for _ in child.parameters()):
+                    continue
+                compiled = partial(_compiled_version(type(child).forward, kind == "answers"), child)
+                swapped.append((child, child.__dict__.get("forward")))
+                child.forward = compiled
         yield
     finally:
-        _compiling = before
+        _compiled_for = before
         for child, own in swapped:
             del child.forward
             if own is not None:
                 child.forward = own
 
 
-def _compiled_whole_segments():
-    global _compiled
-    if _compiled is None:
-        # rounding where eager rounds (bf16 casts kept), so compiled blocks read as eager ones do
-        _compiled = torch.compile(whole_segments, dynamic=False, options={"emulate_precision_casts": True})
-    return _compiled
+def compiled_blocks(model: nn.Module | None = None):
+    """Inside, the whole-segment path of memory layers runs through torch.compile (fused
+    kernels instead of dozens of small elementwise ones), and so do the other modules of
+    `model`'s decoder layers. The first call of each new shape compiles (seconds to a
+    minute)."""
+    return _compiling("blocks", model)
+
+
+def compiled_answers(model: nn.Module):
+    """Inside, a question's forward runs its memory layers' projections, attention, memory
+    read and gate, and the decoder layers' norms and MLP, through torch.compile with
+    dynamic shapes (a question's length, and its window's, change every time). Eager, a
+    question is about 2,200 small operations launched one by one from Python, which bounds
+    the time to the first token on a GPU (docs/benchmarks.md). The first questions compile
+    (one inside a segment and one across a segment boundary; a minute or so)."""
+    return _compiling("answers", model)
+
+
+def _answer_step(fn):
+    """fn, or inside `compiled_answers` its compiled version."""
+    return _compiled_version(fn, dynamic=True) if _compiled_for == "answers" else fn

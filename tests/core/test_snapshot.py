@@ -84,6 +84,37 @@ def test_compiled_blocks_read_as_eager_blocks_do(model):
     torch.testing.assert_close(next_logits(model, compiled), next_logits(model, eager), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_compiled_answers_read_as_eager_answers_do(model):
+    """A question's forward through torch.compile with dynamic shapes (inductor's CPU backend
+    here): the same logits as eager, prompt and one-token steps; once a question inside a
+    segment and one across a segment boundary have compiled, questions of other lengths
+    compile nothing more."""
+    from torch._dynamo.utils import counters
+
+    from infini_core.attention import compiled_answers
+
+    state = ingest(model, torch.randint(0, 100, (20 * 16 + 5,)).tolist())
+    settle(model, state)  # mid-segment, as the workers' cache holds snapshots
+
+    def read(question, steps=2):
+        work, out = state.fork(), []
+        with torch.no_grad():
+            out.append(continue_stream(model, work, question)[0, -1])
+            for _ in range(steps):
+                out.append(continue_stream(model, work, [int(out[-1].argmax())])[0, -1])
+        return torch.stack(out)
+
+    for i, question in enumerate([[5, 6, 7, 8, 9, 10, 11], list(range(12, 25)), list(range(40, 60)), [70, 71, 72]]):
+        eager = read(question)
+        counters.clear()
+        with compiled_answers(model.lm):
+            compiled = read(question)
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+        if i >= 2:
+            assert counters["stats"].get("unique_graphs", 0) == 0, f"question {i} compiled again"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device)")
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("compiled", [False, True])
