@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -134,8 +134,11 @@ class InfiniAttention(nn.Module):
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         self._rope = rope
-        # the state of the stream this layer reads; bound by infini_core.model for a document
+        # the state of the stream this layer reads; bound by infini_core.stream for a document
         self.state: LayerState | None = None
+        # where a forward without a bound state starts (a fresh stream, or a copy of this:
+        # training after a prefix, `stream.starting_from`)
+        self.start: LayerState | None = None
         if self.has_memory:
             like = attn.q_proj.weight
             self.memory_gate = nn.Parameter(torch.full((n_heads,), config.gate_init, dtype=like.dtype, device=like.device))
@@ -179,7 +182,7 @@ class InfiniAttention(nn.Module):
                 "an Infini-attention model keeps its own state: call it with use_cache=False, "
                 "or use infini_core.answer / infini_core.model.forward to continue a stream"
             )
-        state = self.state if self.state is not None else LayerState()
+        state = self.state if self.state is not None else replace(self.start) if self.start is not None else LayerState()
         q, k, v, mq, mk = _answer_step(InfiniAttention._project)(self, hidden_states)
         state.init(k, v, self.has_memory, self.config.memory_lag)
         if self.has_memory:

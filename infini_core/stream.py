@@ -16,18 +16,28 @@ def new_layer_states(model: nn.Module) -> list[LayerState]:
 
 
 @contextmanager
-def bound(model: nn.Module, layer_states: list[LayerState]):
-    """Make the model's layers read and update these states while inside the block."""
+def _on_layers(model: nn.Module, name: str, layer_states: list[LayerState]):
     layers = infini_layers(model)
     if len(layers) != len(layer_states):
         raise ValueError(f"state has {len(layer_states)} layers, the model {len(layers)}")
     for attn, state in zip(layers, layer_states):
-        attn.state = state
+        setattr(attn, name, state)
     try:
         yield
     finally:
         for attn in layers:
-            attn.state = None
+            setattr(attn, name, None)
+
+
+def bound(model: nn.Module, layer_states: list[LayerState]):
+    """Make the model's layers read and update these states while inside the block."""
+    return _on_layers(model, "state", layer_states)
+
+
+def starting_from(model: nn.Module, layer_states: list[LayerState]):
+    """Every forward inside that has no bound state (training's) starts from a copy of these
+    states, so a layer that gradient checkpointing runs again starts where its first run did."""
+    return _on_layers(model, "start", layer_states)
 
 
 def forward(model: nn.Module, input_ids: torch.Tensor, layer_states: list[LayerState], logits: bool = True):

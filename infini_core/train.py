@@ -14,7 +14,7 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -25,8 +25,10 @@ from .convert import gate_parameters, memory_parameters
 from .eval.passkey import FILLER, passkey_sample
 from .eval.recall import QUESTION as RECALL_QUESTION
 from .eval.recall import recall_sample
-from .ingest import adds_bos
+from .ingest import adds_bos, ingest
 from .loading import InfiniModel, load_adapter_tensors, read_adapter, save_adapter
+from .state import LAYER_TENSORS, LayerState
+from .stream import starting_from
 
 
 def _option(default, help: str):
@@ -57,6 +59,9 @@ class TrainConfig:
                                  "as passages) and the short answer (needs qa_data)")
     qa_data: str = _option("", "JSON lines of {question, answer, gold: [paragraphs]} for qa_fraction "
                            "(bench/stage_data.py writes OUT/train-qa/hotpotqa-train.jsonl)")
+    prefix_tokens: int = _option(0, "long text read without gradients before every batch, the same for all its "
+                                 "rows (rounded down to whole segments): the rows then start from a memory that "
+                                 "already holds a long document, as the product's questions do")
     lm_weight: float = _option(8.0, "loss = mean over answer tokens + lm_weight x mean over text tokens")
     grad_checkpointing: bool = _option(True, "recompute each layer in the backward pass (CUDA)")
     seed: int = _option(0, "seed of the data and the initialisation")
@@ -259,9 +264,13 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
         for g in opt.param_groups:
             g["lr"] = g.setdefault("base_lr", g["lr"]) * lr_factor(step, cfg)
         with autocast:
-            loss, stats = loss_on(model, ids, labels, lm_rows, cfg.lm_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            start_states = prefix_states(model, batches, cfg, len(ids)) if cfg.prefix_tokens else None
+        # (set through backward too: checkpointed layers run again there)
+        with starting_from(lm, start_states) if start_states else contextlib.nullcontext():
+            with autocast:
+                loss, stats = loss_on(model, ids, labels, lm_rows, cfg.lm_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
@@ -281,6 +290,15 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
     save_adapter(lm, path, {"train_config": json.dumps(asdict(cfg)), "steps": step + 1, "device": device,
                             "minutes": round((time.perf_counter() - started) / 60, 2)})
     return path
+
+
+def prefix_states(model: InfiniModel, batches: Batches, cfg: TrainConfig, rows: int) -> list[LayerState]:
+    """The layer states after `cfg.prefix_tokens` of the corpus (whole segments, no
+    gradients), shared by `rows` rows."""
+    n = model.config.segment_len
+    state = ingest(model, batches.lm_row(cfg.prefix_tokens // n * n), cuda_graphs=False)
+    return [replace(layer, **{name: t.expand(rows, *t.shape[1:]) for name in LAYER_TENSORS
+                              if (t := getattr(layer, name)) is not None}) for layer in state.layers]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -135,6 +135,52 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch(model):
     assert all(p.requires_grad == (p in owned) for p in model.lm.parameters())
 
 
+def test_rows_after_a_prefix_start_from_the_memory_it_left(model):
+    """Every row of the batch continues the prefix's stream, as if each had read it (the
+    reference: the prefix ingested, then the row forwarded from that state); and gradient
+    checkpointing, which runs each layer again in the backward pass, starts it again from
+    the same state (the same gradients as without it)."""
+    from infini_core.ingest import ingest
+    from infini_core.stream import forward, starting_from
+    from infini_core.train import prefix_states
+
+    cfg = TrainConfig(batch_size=2, curriculum_steps=0, max_segments=3, prefix_tokens=2 * 256 + 100)
+    batches = Batches(model, model.tokenizer(TEXT).input_ids, cfg)
+    ids, labels, lm_rows = batches.next(0)
+    rng = batches.rng.getstate()
+    start = prefix_states(model, batches, cfg, len(ids))
+    batches.rng.setstate(rng)
+    prefix = batches.lm_row(2 * 256)  # the whole segments prefix_states read
+    assert all(layer.segments == 2 and layer.M.shape[0] == 2 for layer in start)
+    with torch.no_grad(), starting_from(model.lm, start):
+        hidden = model.lm.base_model(input_ids=ids).last_hidden_state
+        again = model.lm.base_model(input_ids=ids).last_hidden_state  # the start was copied, not used up
+    with torch.no_grad():
+        for row, got in zip(ids, hidden):
+            want = forward(model.lm, row[None], ingest(model, prefix).layers, logits=False)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert not torch.allclose(hidden, model.lm.base_model(input_ids=ids).last_hidden_state, atol=1e-3)
+    torch.testing.assert_close(again, hidden, atol=0, rtol=0)
+
+    freeze_base(model)
+    for gate in gate_parameters(model.lm):  # open, so that the memory's parameters get gradients
+        gate.data.fill_(0.0)
+    grads = []
+    for checkpointing in (False, True):
+        model.lm.train()
+        if checkpointing:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.lm.zero_grad(set_to_none=True)
+        with starting_from(model.lm, start):
+            loss_on(model, ids, labels, lm_rows, cfg.lm_weight)[0].backward()
+        grads.append({n: p.grad.clone() for n, p in memory_parameters(model.lm).items() if p.grad is not None})
+        model.lm.gradient_checkpointing_disable()
+        model.lm.eval()
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
     corpus = model.tokenizer(TEXT).input_ids
     cfg = TrainConfig(steps=3, batch_size=2, curriculum_steps=1, max_segments=3, checkpoint_every=2, log_every=1)
