@@ -146,6 +146,20 @@ def test_blocks_replayed_from_a_cuda_graph_read_as_eager_blocks_do(arch, compile
     assert_same_state(seen[-2], ingest(gpu, ids[:seen[-2].tokens], block_segments=2, cuda_graphs=False))
 
 
+def test_the_next_token_logits_are_the_last_row_of_all_the_logits(model):
+    """continue_stream runs the LM head on the last position only."""
+    from infini_core.stream import forward
+
+    state = ingest(model, TEXT)
+    assert state.pending  # they run first
+    with torch.no_grad():
+        last = continue_stream(model, state.fork(), [5, 6, 7])
+        work = state.fork()
+        every = forward(model.lm, torch.tensor([work.pending + [5, 6, 7]]), work.layers)
+    assert last.shape == (1, 1, every.shape[-1])
+    torch.testing.assert_close(last[:, -1], every[:, -1], atol=1e-6, rtol=0)
+
+
 def test_resuming_from_any_checkpoint_gives_the_same_final_state(model, tmp_path):
     ids = model.tokenizer(TEXT).input_ids
     saved = []
