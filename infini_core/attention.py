@@ -169,8 +169,8 @@ class InfiniAttention(nn.Module):
 
     # -- local attention ---------------------------------------------------------------
 
-    def _attend(self, q, k, v) -> torch.Tensor:
-        cos, sin = self._rope.get(k.shape[-2], q, self.layer_type)
+    def _attend(self, q, k, v, cos, sin) -> torch.Tensor:
+        """Local attention of q over the window k, v (cos, sin: of the window's positions)."""
         return local_attention(q, k, v, cos, sin, self.scaling, self.n_heads // self.n_kv_heads,
                                self.config.sink_tokens, self.sliding_window)
 
@@ -189,7 +189,7 @@ class InfiniAttention(nn.Module):
             out = self._memory_layer(state, q, k, v, mq, mk)
         else:
             out = self._sliding_layer(state, q, k, v)
-        return _answer_step(InfiniAttention._output)(self, out), None
+        return self.o_proj(out.transpose(1, 2).flatten(2)), None
 
     def _project(self, x):
         """q, k, v as heads, and the memory's queries and keys (None without memory)."""
@@ -199,17 +199,13 @@ class InfiniAttention(nn.Module):
         mq, mk = self._memory_qk(x, q, k, q_proj, k_proj) if self.has_memory else (None, None)
         return q, k, v, mq, mk
 
-    def _output(self, out):
-        """[B, H, T, D] heads -> the output projection."""
-        return self.o_proj(out.transpose(1, 2).flatten(2))
-
     def _sliding_layer(self, state: LayerState, q, k, v) -> torch.Tensor:
         outs = []
         step = self.config.segment_len  # bounds the mask at step x (window + step)
         for start in range(0, q.shape[2], step):
             piece = slice(start, start + step)
             wk, wv = state.window_with(k[:, :, piece], v[:, :, piece])
-            outs.append(self._attend(q[:, :, piece], wk, wv))
+            outs.append(self._attend(q[:, :, piece], wk, wv, *self._rope.get(wk.shape[-2], q, self.layer_type)))
             state.keep_window(wk, wv, self.sliding_window - 1)
         return torch.cat(outs, dim=2)
 
@@ -262,9 +258,7 @@ class InfiniAttention(nn.Module):
     def _attend_read_mix(self, q, wk, wv, mq, M, z, cos, sin, empty_tokens: int) -> torch.Tensor:
         """Local attention over the window, the memory read (before this piece is written)
         and the gate: tensors in, tensor out."""
-        local = local_attention(q, wk, wv, cos, sin, self.scaling, self.n_heads // self.n_kv_heads,
-                                self.config.sink_tokens, self.sliding_window)
-        return self._mix(local, read_memory(mq, M, z, self.n_kv_heads), empty_tokens)
+        return self._mix(self._attend(q, wk, wv, cos, sin), read_memory(mq, M, z, self.n_kv_heads), empty_tokens)
 
     def _write(self, M, z, mk, v):
         return memory_update(M, z, feature_map(mk), v, self.config.rule)
