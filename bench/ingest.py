@@ -9,6 +9,9 @@ depend on the weights. Paths, each in one run on the same GPU:
   chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
   graph   chunk, with every block after the first two replayed from one CUDA graph
           whose memory step, norms and MLP are compiled (what `ingest` does on CUDA)
+  graph-reused  graph for a later document: the graph the one before captured is replayed
+          from its second block on (a worker reads many). Its peak counts the graph's memory
+          pool, which stays reserved between documents (other rows: memory allocated)
   graph-attn  graph with only the memory step compiled (the fourth session's graph)
   fused   graph, with the memory through the Triton kernels
 Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
@@ -29,7 +32,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from infini_core import InfiniConfig, convert_to_infini
-from infini_core.attention import compiled_answers
 from infini_core.ingest import BlockGraph, ingest
 from infini_core.loading import InfiniModel
 from infini_core.memory import use_impl
@@ -46,15 +48,17 @@ def sync() -> None:
     torch.cuda.synchronize()
 
 
-def measure(fn):
-    """(seconds, peak GiB) of fn() on the GPU."""
+def measure(fn, reserved: bool = False):
+    """(seconds, peak GiB, result) of fn() on the GPU: peak memory allocated, or with
+    `reserved` the peak the caching allocator held (CUDA graphs' pools included)."""
     sync()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = fn()
     sync()
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30, result
+    peak = torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()
+    return time.perf_counter() - start, peak / 2**30, result
 
 
 def hf_prefill(base, ids):
@@ -64,28 +68,28 @@ def hf_prefill(base, ids):
 
 # path -> (memory op, CUDA graphs, decoder's norms and MLP compiled in the graph)
 IMPLS = {"naive": ("naive", False, False), "chunk": ("chunk", False, False), "graph": ("chunk", True, True),
-         "graph-attn": ("chunk", True, False), "fused": ("fused", True, True)}
+         "graph-reused": ("chunk", True, True), "graph-attn": ("chunk", True, False), "fused": ("fused", True, True)}
 
 
 def our_ingest(model, ids, path, block_segments):
+    """Read ids as a first document (no graph kept from before), or for graph-reused as the
+    document after one of the same block length."""
     impl, graphs, BlockGraph.compile_decoder = IMPLS[path]
+    if path != "graph-reused":
+        model.block_graphs.clear()
     with use_impl(impl):
         return ingest(model, ids, block_segments=block_segments, cuda_graphs=graphs)
 
 
-def time_to_first_token(model, state_path: Path, question_ids, repeats: int = 3) -> tuple[float, float, float]:
+def time_to_first_token(model, state_path: Path, question_ids, repeats: int = 3) -> tuple[float, float]:
     """Best of `repeats` seconds to the first token after the question: cold (the snapshot
-    loaded from disk onto the GPU first), warm (the snapshot already in GPU memory, as
-    the worker's snapshot cache holds recent ones) and warm through `compiled_answers`
-    (after one question has compiled it)."""
+    loaded from disk onto the GPU first) and warm (the snapshot already in GPU memory, as
+    the worker's snapshot cache holds recent ones)."""
     load = lambda: MemoryState.load(state_path, model.fingerprint, device="cuda", dtype=torch.bfloat16)
     held = load()
     cold = min(measure(lambda: first_token(model, load(), question_ids))[0] for _ in range(repeats))
     warm = min(measure(lambda: first_token(model, held, question_ids))[0] for _ in range(repeats))
-    with compiled_answers(model.lm):
-        first_token(model, held, question_ids)
-        compiled = min(measure(lambda: first_token(model, held, question_ids))[0] for _ in range(repeats))
-    return cold, warm, compiled
+    return cold, warm
 
 
 def first_token(model, state, question_ids) -> int:
@@ -103,6 +107,7 @@ def main() -> None:
     ap.add_argument("--naive-max", type=int, default=1048576, help="longest input for the naive path")
     ap.add_argument("--fused-max", type=int, default=1 << 40, help="longest input for the Triton path")
     ap.add_argument("--chunk-max", type=int, default=1 << 40, help="longest input for the eager chunk path")
+    ap.add_argument("--paths", default=",".join(IMPLS), help="which of our paths to run (comma-separated)")
     ap.add_argument("--segment-len", type=int, default=512)
     ap.add_argument("--block-tokens", type=int, default=32768, help="tokens per layer-parallel block")
     ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
@@ -123,6 +128,10 @@ def main() -> None:
                                                                   args.profile_path))
         return
     lengths = [int(x) for x in args.lengths.split(",")]
+    asked = args.paths.split(",")
+    paths = [p for p in IMPLS if p in asked]  # (graph-reused right after the graph it reuses)
+    if "graph" not in paths or not set(asked) <= set(IMPLS):
+        ap.error(f"--paths: some of {sorted(IMPLS)}, graph among them (its snapshot is answered from)")
     rows, out = [], open(args.out / "ingest.jsonl", "w")
 
     def record(**row):
@@ -136,7 +145,7 @@ def main() -> None:
     # and cuBLAS plans made before anything is timed
     warm = torch.randint(0, 49152, (4 * args.segment_len,), device="cuda")
     hf_prefill(base, warm)
-    for path in IMPLS:
+    for path in paths:
         our_ingest(model, warm.cpu(), path, block_segments)
     our_ingest(model, torch.randint(0, 49152, (4 * args.block_tokens,)), "graph", block_segments)
 
@@ -151,13 +160,13 @@ def main() -> None:
                 record(path="hf", tokens=n, error="out of memory")
         else:
             record(path="hf", tokens=n, error=f"not run: one quadratic forward beyond {args.hf_max} tokens")
-        for path in IMPLS:
+        for path in paths:
             longest = {"naive": args.naive_max, "fused": args.fused_max, "chunk": args.chunk_max}.get(path, n)
             if n > longest:
                 record(path=path, tokens=n, error=f"not run beyond {longest} tokens (too slow)")
                 continue
             blocks = 1 if path == "naive" else block_segments
-            secs, peak, result = measure(lambda: our_ingest(model, ids, path, blocks))
+            secs, peak, result = measure(lambda: our_ingest(model, ids, path, blocks), reserved=path == "graph-reused")
             record(path=path, tokens=n, seconds=secs, tokens_per_s=n / secs, peak_gib=peak)
             if path == "graph":  # the product's path: its snapshot is the one answered from
                 state = result
@@ -165,8 +174,8 @@ def main() -> None:
         # answer latency from the last snapshot, against the peer re-reading document + question
         snap = args.out / "bench.infini"
         state.save(snap)
-        cold, warm, compiled = time_to_first_token(model, snap, question)
-        record(path="snapshot_ttft", tokens=n, seconds=cold, warm_seconds=warm, warm_compiled_seconds=compiled,
+        cold, warm = time_to_first_token(model, snap, question)
+        record(path="snapshot_ttft", tokens=n, seconds=cold, warm_seconds=warm,
                snapshot_mib=snap.stat().st_size / 2**20)
         snap.unlink()
         if n <= args.hf_max:
@@ -234,7 +243,7 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
 
 def write_report(rows: list[dict], out: Path, gpu: str) -> None:
     lengths = sorted({r["tokens"] for r in rows})
-    paths = ["hf", *IMPLS]
+    paths = [p for p in ("hf", *IMPLS) if any(r["path"] == p for r in rows)]
 
     def cell(path, n, key, fmt):
         r = next((r for r in rows if r["path"] == path and r["tokens"] == n), None)
@@ -248,14 +257,13 @@ def write_report(rows: list[dict], out: Path, gpu: str) -> None:
     lines = [f"GPU: {gpu}. Default model's configuration, random bf16 weights, rule "
              f"{rows[0]['rule']}, segments of {rows[0]['segment_len']} tokens.", "",
              "| tokens | " + " | ".join(f"{p} tok/s" for p in paths) + " | " + " | ".join(f"{p} peak GiB" for p in paths)
-             + " | TTFT from snapshot (cold / warm / warm compiled) | HF re-read TTFT | snapshot MiB |",
+             + " | TTFT from snapshot (cold / warm) | HF re-read TTFT | snapshot MiB |",
              "|" + "---|" * (2 * len(paths) + 4)]
     for n in lengths:
         lines.append(f"| {n:,} | " + " | ".join(cell(p, n, "tokens_per_s", kilo) for p in paths) + " | "
                      + " | ".join(cell(p, n, "peak_gib", lambda x: f"{x:.2f}") for p in paths) + " | "
                      + cell("snapshot_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " / "
-                     + cell("snapshot_ttft", n, "warm_seconds", lambda x: f"{x * 1e3:.0f} ms") + " / "
-                     + cell("snapshot_ttft", n, "warm_compiled_seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
+                     + cell("snapshot_ttft", n, "warm_seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
                      + cell("hf_reread_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
                      + cell("snapshot_ttft", n, "snapshot_mib", lambda x: f"{x:.1f}") + " |")
     (out / "ingest.md").write_text("\n".join(lines) + "\n")

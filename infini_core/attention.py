@@ -183,7 +183,7 @@ class InfiniAttention(nn.Module):
                 "or use infini_core.answer / infini_core.model.forward to continue a stream"
             )
         state = self.state if self.state is not None else replace(self.start) if self.start is not None else LayerState()
-        q, k, v, mq, mk = _answer_step(InfiniAttention._project)(self, hidden_states)
+        q, k, v, mq, mk = self._project(hidden_states)
         state.init(k, v, self.has_memory, self.config.memory_lag)
         if self.has_memory:
             out = self._memory_layer(state, q, k, v, mq, mk)
@@ -241,7 +241,7 @@ class InfiniAttention(nn.Module):
         wk, wv = state.local_with(k, v, self.config.xl_window, sinks=state.segments > self.config.memory_lag)
         cos, sin = self._rope.get(wk.shape[-2], q, self.layer_type)
         empty = q.shape[2] if state.segments <= self.config.memory_lag else 0
-        out = _answer_step(InfiniAttention._attend_read_mix)(self, q, wk, wv, mq, state.M, state.z, cos, sin, empty)
+        out = self._attend_read_mix(q, wk, wv, mq, state.M, state.z, cos, sin, empty)
         if state.segments == 0:
             state.keep_sinks(k, v, self.config.sink_tokens)
         state.append_segment(k, v, mk)
@@ -273,8 +273,7 @@ class InfiniAttention(nn.Module):
                          chosen_impl())
         # compiled (fused elementwise kernels) only inside `compiled_blocks`: a new shape
         # costs a compilation, so only the fixed-size blocks of a long read take that path
-        run = (_compiled_version(whole_segments, dynamic=False) if _compiled_for == "blocks" and spec.impl == "chunk"
-               else whole_segments)
+        run = _compiled_version(whole_segments) if _compiling_blocks and spec.impl == "chunk" else whole_segments
         out, (state.M, state.z, state.M_next, state.z_next) = run(
             spec, self.memory_gate, cos, sin, q, k, v, mq, mk, state.sink_k, state.sink_v, state.win_k,
             state.win_v, state.M, state.z, state.M_next, state.z_next)
@@ -371,62 +370,38 @@ def local_attention(q, k, v, cos, sin, scaling: float, groups: int, sink_tokens:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scaling)
 
 
-_compiled_for: str | None = None  # inside compiled_blocks: "blocks"; inside compiled_answers: "answers"
-_compiled_steps: dict = {}  # (function, dynamic) -> its compiled version, shared by all layers
+_compiling_blocks = False  # inside compiled_blocks
+_compiled_steps: dict = {}  # function -> its compiled version, shared by all layers
 
 
-def _compiled_version(fn, dynamic: bool):
-    compiled = _compiled_steps.get((fn, dynamic))
+def _compiled_version(fn):
+    compiled = _compiled_steps.get(fn)
     if compiled is None:
         # rounding where eager rounds (bf16 casts kept), so compiled code reads as eager code does
-        compiled = _compiled_steps[fn, dynamic] = torch.compile(
-            fn, dynamic=dynamic, options={"emulate_precision_casts": True})
+        compiled = _compiled_steps[fn] = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
     return compiled
 
 
 @contextmanager
-def _compiling(kind: str, model: nn.Module | None):
-    """Compiled steps for `kind` while inside, and the modules of `model`'s decoder layers
-    besides the attention (norms, MLP: Hugging Face's RMSNorm alone is eight operations)
-    compiled too; answers with dynamic shapes, blocks with static ones."""
-    global _compiled_for
-    before, _compiled_for = _compiled_for, kind
+def compiled_blocks(model: nn.Module | None = None):
+    """Inside, the whole-segment path of memory layers runs through torch.compile (fused
+    kernels instead of dozens of small elementwise ones), and so do the other modules of
+    `model`'s decoder layers (norms, MLP: Hugging Face's RMSNorm alone is eight operations).
+    The first call of each new shape compiles (seconds to a minute)."""
+    global _compiling_blocks
+    before, _compiling_blocks = _compiling_blocks, True
     swapped = []
     try:
         for layer in model.base_model.layers if model is not None else ():
             for child in layer.children():
                 if isinstance(child, InfiniAttention) or not any(True for _ in child.parameters()):
                     continue
-                compiled = partial(_compiled_version(type(child).forward, kind == "answers"), child)
                 swapped.append((child, child.__dict__.get("forward")))
-                child.forward = compiled
+                child.forward = partial(_compiled_version(type(child).forward), child)
         yield
     finally:
-        _compiled_for = before
+        _compiling_blocks = before
         for child, own in swapped:
             del child.forward
             if own is not None:
                 child.forward = own
-
-
-def compiled_blocks(model: nn.Module | None = None):
-    """Inside, the whole-segment path of memory layers runs through torch.compile (fused
-    kernels instead of dozens of small elementwise ones), and so do the other modules of
-    `model`'s decoder layers. The first call of each new shape compiles (seconds to a
-    minute)."""
-    return _compiling("blocks", model)
-
-
-def compiled_answers(model: nn.Module):
-    """Inside, a question's forward runs its memory layers' projections, attention, memory
-    read and gate, and the decoder layers' norms and MLP, through torch.compile with
-    dynamic shapes (a question's length, and its window's, change every time). Eager, a
-    question is about 2,200 small operations launched one by one from Python, which bounds
-    the time to the first token on a GPU (docs/benchmarks.md). The first questions compile
-    (one inside a segment and one across a segment boundary; a minute or so)."""
-    return _compiling("answers", model)
-
-
-def _answer_step(fn):
-    """fn, or inside `compiled_answers` its compiled version."""
-    return _compiled_version(fn, dynamic=True) if _compiled_for == "answers" else fn

@@ -13,6 +13,7 @@ import torch
 from .attention import compiled_blocks
 from .convert import infini_layers
 from .loading import InfiniModel
+from .memory import chosen_impl
 from .state import LAYER_TENSORS, LayerState, MemoryState
 from .stream import forward, new_layer_states
 
@@ -129,10 +130,13 @@ def ingest(
         nonlocal done, graph, cuda_graphs
         before = state.tokens
         left = None if total_tokens is None else total_tokens - done
+        steady = cuda_graphs and len(ids) == block and graph is None and BlockGraph.steady(model, state)
+        if steady:  # an earlier document's graph, if it fits this state
+            graph = BlockGraph.reuse(model, state.layers, len(ids))
         if graph is not None and len(ids) == graph.length:
-            graph.replay(ids)
+            graph.replay(ids, state.layers)
         # (a capture costs about one eager block of launches: worth it when 2+ replays follow)
-        elif cuda_graphs and len(ids) == block and (left is None or left >= 3 * block) and BlockGraph.steady(model, state):
+        elif steady and (left is None or left >= 3 * block):
             graph = BlockGraph.capture(model, state.layers, ids)
             cuda_graphs = graph is not None  # shapes that change from block to block: eager
         else:
@@ -157,6 +161,10 @@ def ingest(
             run(buffer[:whole])
     state.pending = buffer[whole:]
     state.tokens += len(state.pending)
+    # tensors of its own: not views that keep a whole block's keys alive, nor the buffers of
+    # a CUDA graph that the next document overwrites
+    for layer in state.layers:
+        layer.own_tensors()
     done += len(state.pending)
     report()
     if state.tokens == 0:
@@ -168,17 +176,26 @@ class BlockGraph:
     """One block's forward captured as a CUDA graph and replayed for every later block of the
     same length. A block is thousands of small kernels, and launching them one by one from
     Python kept the GPU idle more than half the time (docs/benchmarks.md). The layer states
-    move into buffers of their own, which each replay reads and overwrites in place."""
+    move into buffers of the graph's own, which each replay reads and overwrites in place.
+    The model keeps the latest graph (`InfiniModel.block_graphs`): a later document of the
+    same block length loads its state into the buffers and replays it from its second block
+    on, without a new capture."""
 
     # the decoder layers' norms and MLP compiled too, not only the memory layers' step
     # (False: the fourth session's graph, which bench/ingest.py measures beside it)
     compile_decoder = True
 
     def __init__(self, model: InfiniModel, layers: list[LayerState], length: int):
-        self.layers, self.length = layers, length
+        self.length = length
         self.segments = length // model.config.segment_len
         self.ids = torch.zeros(1, length, dtype=torch.long, device=model.device)
+        # what the capture binds, per layer: name -> tensor (None where the layer has none)
+        self.buffers = [{name: getattr(layer, name) for name in LAYER_TENSORS} for layer in layers]
         self.graph = torch.cuda.CUDAGraph()
+
+    @classmethod
+    def key(cls, length: int) -> tuple:
+        return length, cls.compile_decoder, chosen_impl()
 
     @staticmethod
     def steady(model: InfiniModel, state: MemoryState) -> bool:
@@ -211,9 +228,9 @@ class BlockGraph:
                 forward(model.lm, block, layers, logits=False)
                 compiled = False
         torch.cuda.current_stream().wait_stream(side)
-        self = cls(model, layers, len(ids))
         for layer in layers:  # the graph's buffers: none a view of a block it no longer holds
             layer.own_tensors()
+        self = cls(model, layers, len(ids))
         shadow = [replace(l) for l in layers]  # what the capture binds: same tensors, own counters
         with compiled_blocks(decoder) if compiled else contextlib.nullcontext(), torch.cuda.graph(self.graph):
             forward(model.lm, self.ids, shadow, logits=False)
@@ -225,10 +242,33 @@ class BlockGraph:
                     if old is None or new.shape != old.shape:
                         return None  # (captured nothing that has run; the caller reads eagerly)
                     old.copy_(new)
+        model.block_graphs.clear()  # (the latest only: each graph holds a memory pool of its own)
+        model.block_graphs[cls.key(len(ids))] = self
         return self
 
-    def replay(self, ids: list[int]) -> None:
+    @classmethod
+    def reuse(cls, model: InfiniModel, layers: list[LayerState], length: int) -> "BlockGraph | None":
+        """The graph an earlier read captured for blocks of this length, its buffers loaded
+        with these states (which then read through them), or None if there is none or the
+        states' shapes differ from its buffers'."""
+        self = model.block_graphs.get(cls.key(length))
+        if self is None or len(self.buffers) != len(layers):
+            return None
+        for layer, buffers in zip(layers, self.buffers):
+            for name, buffer in buffers.items():
+                mine = getattr(layer, name)
+                if (mine is None) != (buffer is None) or mine is not None and (
+                        mine.shape != buffer.shape or mine.dtype != buffer.dtype):
+                    return None
+        for layer, buffers in zip(layers, self.buffers):
+            for name, buffer in buffers.items():
+                if buffer is not None:
+                    setattr(layer, name, buffer.copy_(getattr(layer, name)))
+        return self
+
+    def replay(self, ids: list[int], layers: list[LayerState]) -> None:
+        """Read the next block into `layers`, whose tensors are this graph's buffers."""
         self.ids.copy_(torch.tensor([ids]))
         self.graph.replay()
-        for layer in self.layers:
+        for layer in layers:
             layer.segments += self.segments

@@ -7,7 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class InfiniModel:
     tokenizer: object
     fingerprint: dict
     stop_ids: tuple[int, ...]
+    # ingest's latest CUDA graph (ingest.BlockGraph), kept for the next document
+    block_graphs: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def config(self) -> InfiniConfig:
