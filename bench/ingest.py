@@ -76,7 +76,7 @@ def our_ingest(model, ids, path, block_segments):
     document after one of the same block length."""
     impl, graphs, BlockGraph.compile_decoder = IMPLS[path]
     if path != "graph-reused":
-        model.block_graphs.clear()
+        model.block_graph = None
     with use_impl(impl):
         return ingest(model, ids, block_segments=block_segments, cuda_graphs=graphs)
 

@@ -177,7 +177,7 @@ class BlockGraph:
     same length. A block is thousands of small kernels, and launching them one by one from
     Python kept the GPU idle more than half the time (docs/benchmarks.md). The layer states
     move into buffers of the graph's own, which each replay reads and overwrites in place.
-    The model keeps the latest graph (`InfiniModel.block_graphs`): a later document of the
+    The model keeps the latest graph (`InfiniModel.block_graph`): a later document of the
     same block length loads its state into the buffers and replays it from its second block
     on, without a new capture."""
 
@@ -186,7 +186,7 @@ class BlockGraph:
     compile_decoder = True
 
     def __init__(self, model: InfiniModel, layers: list[LayerState], length: int):
-        self.length = length
+        self.length, self.key = length, self.key_for(length)
         self.segments = length // model.config.segment_len
         self.ids = torch.zeros(1, length, dtype=torch.long, device=model.device)
         # what the capture binds, per layer: name -> tensor (None where the layer has none)
@@ -194,7 +194,8 @@ class BlockGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     @classmethod
-    def key(cls, length: int) -> tuple:
+    def key_for(cls, length: int) -> tuple:
+        """What a graph is captured for: the block's length and the code it runs."""
         return length, cls.compile_decoder, chosen_impl()
 
     @staticmethod
@@ -242,8 +243,7 @@ class BlockGraph:
                     if old is None or new.shape != old.shape:
                         return None  # (captured nothing that has run; the caller reads eagerly)
                     old.copy_(new)
-        model.block_graphs.clear()  # (the latest only: each graph holds a memory pool of its own)
-        model.block_graphs[cls.key(len(ids))] = self
+        model.block_graph = self  # (the latest only: each graph holds a memory pool of its own)
         return self
 
     @classmethod
@@ -251,15 +251,11 @@ class BlockGraph:
         """The graph an earlier read captured for blocks of this length, its buffers loaded
         with these states (which then read through them), or None if there is none or the
         states' shapes differ from its buffers'."""
-        self = model.block_graphs.get(cls.key(length))
-        if self is None or len(self.buffers) != len(layers):
+        self = model.block_graph
+        if self is None or self.key != cls.key_for(length) or len(self.buffers) != len(layers) or not all(
+                _same_layout(getattr(layer, name), buffer) for layer, buffers in zip(layers, self.buffers)
+                for name, buffer in buffers.items()):
             return None
-        for layer, buffers in zip(layers, self.buffers):
-            for name, buffer in buffers.items():
-                mine = getattr(layer, name)
-                if (mine is None) != (buffer is None) or mine is not None and (
-                        mine.shape != buffer.shape or mine.dtype != buffer.dtype):
-                    return None
         for layer, buffers in zip(layers, self.buffers):
             for name, buffer in buffers.items():
                 if buffer is not None:
@@ -272,3 +268,9 @@ class BlockGraph:
         self.graph.replay()
         for layer in layers:
             layer.segments += self.segments
+
+
+def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype

@@ -35,7 +35,7 @@ class InfiniModel:
     fingerprint: dict
     stop_ids: tuple[int, ...]
     # ingest's latest CUDA graph (ingest.BlockGraph), kept for the next document
-    block_graphs: dict = field(default_factory=dict, repr=False, compare=False)
+    block_graph: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def config(self) -> InfiniConfig:

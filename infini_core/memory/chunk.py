@@ -59,8 +59,7 @@ def chunk_infini_memory(
     M_before = torch.cat([M0.unsqueeze(2), M_after[:, :, :-1]], 2)
     out = memory_read(sq, M_before.unsqueeze(2), z_before.unsqueeze(2))
     out = out.reshape(b, hq, s * n, dv)[:, :, :t]
-    # (final states contiguous: not views that keep every segment's state alive)
-    return out.to(q.dtype), (M_after[:, :, -1].contiguous(), z_after[:, :, -1].contiguous())
+    return out.to(q.dtype), (M_after[:, :, -1], z_after[:, :, -1])
 
 
 def _scan(decay: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:
