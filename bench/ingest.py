@@ -8,10 +8,11 @@ depend on the weights. Paths, each in one run on the same GPU:
   naive   ours, one segment per forward, memory through naive.py
   chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
   graph   chunk, with every block after the first two replayed from one CUDA graph
-          whose memory step, norms and MLP are compiled (what `ingest` does on CUDA)
-  graph-reused  graph for a later document: the graph the one before captured is replayed
-          from its second block on (a worker reads many). Its peak counts the graph's memory
-          pool, which stays reserved between documents (other rows: memory allocated)
+          whose memory step, norms and MLP are compiled (what `ingest` does on CUDA); the
+          first block's own graph is captured here, for the documents after this one
+  graph-reused  graph for a later document: the graphs the one before captured are replayed
+          (a worker reads many). Its peak counts the graphs' memory pool, which stays
+          reserved between documents (other rows: memory allocated)
   graph-attn  graph with only the memory step compiled (the fourth session's graph)
   fused   graph, with the memory through the Triton kernels
 Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
@@ -35,6 +36,7 @@ from infini_core import InfiniConfig, convert_to_infini
 from infini_core.ingest import BlockGraph, ingest
 from infini_core.loading import InfiniModel
 from infini_core.memory import use_impl
+from infini_core.prompt_graph import capture_prompt_graphs, prompt_logits
 from infini_core.state import MemoryState
 from infini_core.stream import continue_stream
 
@@ -72,31 +74,58 @@ IMPLS = {"naive": ("naive", False, False), "chunk": ("chunk", False, False), "gr
 
 
 def our_ingest(model, ids, path, block_segments):
-    """Read ids as a first document (no graph kept from before), or for graph-reused as the
+    """Read ids as a first document (no graphs kept from before), or for graph-reused as the
     document after one of the same block length."""
     impl, graphs, BlockGraph.compile_decoder = IMPLS[path]
     if path != "graph-reused":
-        model.block_graph = None
+        model.block_graph = model.first_block_graph = None
     with use_impl(impl):
         return ingest(model, ids, block_segments=block_segments, cuda_graphs=graphs)
 
 
-def time_to_first_token(model, state_path: Path, question_ids, repeats: int = 3) -> tuple[float, float]:
-    """Best of `repeats` seconds to the first token after the question: cold (the snapshot
+def time_to_first_token(model, state_path: Path, question_ids, read, repeats: int = 3) -> tuple[float, float]:
+    """Best of `repeats` seconds to the first token after the question, read by `read`
+    (continue_stream: eager; prompt_logits: the product's CUDA graphs): cold (the snapshot
     loaded from disk onto the GPU first) and warm (the snapshot already in GPU memory, as
     the worker's snapshot cache holds recent ones)."""
-    load = lambda: MemoryState.load(state_path, model.fingerprint, device="cuda", dtype=torch.bfloat16)
+    load = lambda: snap_state(model, state_path)
     held = load()
-    cold = min(measure(lambda: first_token(model, load(), question_ids))[0] for _ in range(repeats))
-    warm = min(measure(lambda: first_token(model, held, question_ids))[0] for _ in range(repeats))
+    cold = min(measure(lambda: first_token(model, load(), question_ids, read))[0] for _ in range(repeats))
+    warm = min(measure(lambda: first_token(model, held, question_ids, read))[0] for _ in range(repeats))
     return cold, warm
 
 
-def first_token(model, state, question_ids) -> int:
-    """answer() without a tokenizer: the first greedy token after the question, read on a
-    fork of `state` as answer() reads it."""
+def first_token(model, state, question_ids, read, steps: int = 0) -> int:
+    """answer() without a tokenizer: the greedy token after the question (and `steps` more
+    one-token steps), read on a fork of `state` as answer() reads it."""
+    work, ids = state.fork(), question_ids
     with torch.no_grad():
-        return int(continue_stream(model, state.fork(), question_ids)[0, -1].argmax())
+        for _ in range(steps + 1):
+            token = int(read(model, work, ids)[0, -1].argmax())
+            ids = [token]
+    return token
+
+
+def answer_latency(model, snap: Path, question: list[int], steps: int = 32) -> dict:
+    """Eager and graphed: TTFT cold and warm, the first question's (the graphs captured),
+    and the time per answer token after the first."""
+    row = {}
+    model.prompt_graphs = None  # (captured again by the first question below)
+    row["first_graph_seconds"] = measure(lambda: first_token(model, snap_state(model, snap), question, prompt_logits))[0]
+    for name, read in (("eager", continue_stream), ("graph", prompt_logits)):
+        row[f"{name}_cold_seconds"], row[f"{name}_warm_seconds"] = time_to_first_token(model, snap, question, read)
+        held = snap_state(model, snap)
+        first_token(model, held, question, read, 1)  # (the one-token graph captured before timing)
+        one = measure(lambda: first_token(model, held, question, read))[0]
+        more = measure(lambda: first_token(model, held, question, read, steps))[0]
+        row[f"{name}_step_seconds"] = (more - one) / steps
+    # (the buckets captured: none would mean the graphed column fell back to eager)
+    row["graph_buckets"] = sorted(model.prompt_graphs.graphs) if model.prompt_graphs else []
+    return row
+
+
+def snap_state(model, snap: Path) -> MemoryState:
+    return MemoryState.load(snap, model.fingerprint, device="cuda", dtype=torch.bfloat16)
 
 
 def main() -> None:
@@ -148,6 +177,10 @@ def main() -> None:
     for path in paths:
         our_ingest(model, warm.cpu(), path, block_segments)
     our_ingest(model, torch.randint(0, 49152, (4 * args.block_tokens,)), "graph", block_segments)
+    # what a worker does when it starts: every answer graph captured before the first question
+    model.prompt_graphs = None
+    secs, peak, _ = measure(lambda: capture_prompt_graphs(model))
+    record(path="capture_answer_graphs", seconds=secs, buckets=model.prompt_graphs.buckets(), peak_gib=peak)
 
     question = torch.randint(0, 49152, (QUESTION_TOKENS,)).tolist()
     for n in lengths:
@@ -174,8 +207,7 @@ def main() -> None:
         # answer latency from the last snapshot, against the peer re-reading document + question
         snap = args.out / "bench.infini"
         state.save(snap)
-        cold, warm = time_to_first_token(model, snap, question)
-        record(path="snapshot_ttft", tokens=n, seconds=cold, warm_seconds=warm,
+        record(path="snapshot_ttft", tokens=n, **answer_latency(model, snap, question),
                snapshot_mib=snap.stat().st_size / 2**20)
         snap.unlink()
         if n <= args.hf_max:
@@ -224,7 +256,7 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
         lines.append(f"| `{e.key[:90]}` | {e.count} | {ms:,.1f} | {100 * ms / total_ms:.1f}% |")
     # the first answer token from that snapshot, held in memory: where its CPU time goes
     question = torch.randint(0, 49152, (QUESTION_TOKENS,)).tolist()
-    first = lambda: first_token(model, state, question)
+    first = lambda: first_token(model, state, question, prompt_logits)
     first()
     start = time.perf_counter()
     first()
@@ -232,7 +264,7 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
     with profile(activities=activities) as prof:
         first()
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    lines += ["", f"Time to the first token of a {QUESTION_TOKENS}-token question from that snapshot in memory: "
+    lines += ["", f"Time to the first token of a {QUESTION_TOKENS}-token question from that snapshot in memory (CUDA graphs): "
               f"{ttft_ms:.0f} ms unprofiled. Operators by their own CPU time (profiled):", "",
               "| operator | calls | CPU ms | device ms |", "|---|---|---|---|"]
     for e in ops:
@@ -242,7 +274,8 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
 
 
 def write_report(rows: list[dict], out: Path, gpu: str) -> None:
-    lengths = sorted({r["tokens"] for r in rows})
+    lengths = sorted({r["tokens"] for r in rows if "tokens" in r})
+    captured = next((r for r in rows if r["path"] == "capture_answer_graphs"), None)
     paths = [p for p in ("hf", *IMPLS) if any(r["path"] == p for r in rows)]
 
     def cell(path, n, key, fmt):
@@ -254,17 +287,24 @@ def write_report(rows: list[dict], out: Path, gpu: str) -> None:
         return "not run" if r.get("error", "").startswith("not run") else r.get("error", "-")
 
     kilo = lambda x: f"{x / 1e3:,.0f}K"
+    ms, ms1 = (lambda x: f"{x * 1e3:.0f} ms"), (lambda x: f"{x * 1e3:.1f}")
     lines = [f"GPU: {gpu}. Default model's configuration, random bf16 weights, rule "
-             f"{rows[0]['rule']}, segments of {rows[0]['segment_len']} tokens.", "",
+             f"{rows[0]['rule']}, segments of {rows[0]['segment_len']} tokens."
+             + (f" Answer graphs of {len(captured['buckets'])} prompt lengths captured (as a worker starts) in "
+                f"{captured['seconds']:.2f} s." if captured else ""), "",
              "| tokens | " + " | ".join(f"{p} tok/s" for p in paths) + " | " + " | ".join(f"{p} peak GiB" for p in paths)
-             + " | TTFT from snapshot (cold / warm) | HF re-read TTFT | snapshot MiB |",
-             "|" + "---|" * (2 * len(paths) + 4)]
+             + " | TTFT eager (cold / warm) | **TTFT graphs (cold / warm)** | first question, graphs captured "
+             "| ms per answer token (eager / graphs) | HF re-read TTFT | snapshot MiB |",
+             "|" + "---|" * (2 * len(paths) + 7)]
     for n in lengths:
         lines.append(f"| {n:,} | " + " | ".join(cell(p, n, "tokens_per_s", kilo) for p in paths) + " | "
                      + " | ".join(cell(p, n, "peak_gib", lambda x: f"{x:.2f}") for p in paths) + " | "
-                     + cell("snapshot_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " / "
-                     + cell("snapshot_ttft", n, "warm_seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
-                     + cell("hf_reread_ttft", n, "seconds", lambda x: f"{x * 1e3:.0f} ms") + " | "
+                     + " | ".join(cell("snapshot_ttft", n, f"{name}_cold_seconds", ms) + " / "
+                                  + cell("snapshot_ttft", n, f"{name}_warm_seconds", ms) for name in ("eager", "graph"))
+                     + " | " + cell("snapshot_ttft", n, "first_graph_seconds", ms) + " | "
+                     + cell("snapshot_ttft", n, "eager_step_seconds", ms1) + " / "
+                     + cell("snapshot_ttft", n, "graph_step_seconds", ms1) + " | "
+                     + cell("hf_reread_ttft", n, "seconds", ms) + " | "
                      + cell("snapshot_ttft", n, "snapshot_mib", lambda x: f"{x:.1f}") + " |")
     (out / "ingest.md").write_text("\n".join(lines) + "\n")
     try:

@@ -11,7 +11,7 @@ import torch
 from .ingest import adds_bos
 from .loading import InfiniModel
 from .state import MemoryState
-from .stream import continue_stream
+from .prompt_graph import prompt_logits
 
 SYSTEM_PROMPT = "You answer questions about a document you have read. Answer briefly and only from the document."
 
@@ -70,7 +70,7 @@ def answer(
     generated: list[int] = []
     shown = ""
     with torch.no_grad():
-        logits = continue_stream(model, work, ids)[0, -1]
+        logits = prompt_logits(model, work, ids)[0, -1]
         for _ in range(max_new_tokens):
             if temperature > 0:
                 probs = torch.softmax(logits.float() / temperature, -1)
@@ -84,7 +84,7 @@ def answer(
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield text[len(shown):]
                 shown = text
-            logits = continue_stream(model, work, [next_id])[0, -1]
+            logits = prompt_logits(model, work, [next_id])[0, -1]
     rest = tok.decode(generated, skip_special_tokens=True)[len(shown):]
     if rest:  # whatever was held back for a character that never completed
         yield rest

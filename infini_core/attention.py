@@ -88,6 +88,7 @@ class RopeTable:
         self.rotary = rotary
         self.takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
         self.cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.outgrown: list[tuple[torch.Tensor, torch.Tensor]] = []  # a captured CUDA graph may still read these
 
     def get(self, n: int, like: torch.Tensor, layer_type: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.dtype, like.device, layer_type)
@@ -98,6 +99,8 @@ class RopeTable:
             extra = (layer_type,) if self.takes_layer_type else ()
             with torch.no_grad():
                 cos, sin = self.rotary(like, positions, *extra)
+            if cached is not None:
+                self.outgrown.append(cached)
             cached = self.cache[key] = (cos[0], sin[0])
         return cached[0][:n], cached[1][:n]
 
@@ -182,6 +185,8 @@ class InfiniAttention(nn.Module):
                 "an Infini-attention model keeps its own state: call it with use_cache=False, "
                 "or use infini_core.answer / infini_core.model.forward to continue a stream"
             )
+        if isinstance(self.state, PaddedSegment):
+            return self.o_proj(self._padded_piece(self.state, hidden_states).transpose(1, 2).flatten(2)), None
         state = self.state if self.state is not None else replace(self.start) if self.start is not None else LayerState()
         q, k, v, mq, mk = self._project(hidden_states)
         state.init(k, v, self.has_memory, self.config.memory_lag)
@@ -246,14 +251,33 @@ class InfiniAttention(nn.Module):
             state.keep_sinks(k, v, self.config.sink_tokens)
         state.append_segment(k, v, mk)
         if state.segment_tokens == self.config.segment_len:
-            _, seg_v, seg_mk = state.take_segment(self.config.xl_window)
-            if self.config.memory_lag:  # the segment that left the window is in (M_next, z_next)
-                state.M, state.z = state.M_next, state.z_next
-                state.M_next, state.z_next = self._write(state.M_next, state.z_next, seg_mk, seg_v)
-            else:
-                state.M, state.z = self._write(state.M, state.z, seg_mk, seg_v)
-            state.segments += 1
+            self.complete_segment(state)
         return out
+
+    def complete_segment(self, state: LayerState) -> None:
+        """Write the full current segment into the memory (with xl_window: into M_next, and
+        the segment that left the window becomes readable)."""
+        _, seg_v, seg_mk = state.take_segment(self.config.xl_window)
+        if self.config.memory_lag:
+            state.M, state.z = state.M_next, state.z_next
+            state.M_next, state.z_next = self._write(state.M_next, state.z_next, seg_mk, seg_v)
+        else:
+            state.M, state.z = self._write(state.M, state.z, seg_mk, seg_v)
+        state.segments += 1
+
+    def _padded_piece(self, slot: PaddedSegment, x: torch.Tensor) -> torch.Tensor:
+        """A piece of a prompt inside the current segment, in fixed shapes (`PaddedSegment`):
+        its keys go into the segment's slots, and each query attends to the window up to its
+        own position (the padding after the piece's last token sees more, and is dropped)."""
+        q, k, v, mq, mk = self._project(x)
+        where = slot.where
+        for buffer, new in ((slot.seg_k, k), (slot.seg_v, v), (slot.seg_mk, mk)):
+            buffer.index_copy_(2, where.slots, new)
+        wk, wv = torch.cat([slot.sink_k, slot.win_k, slot.seg_k], 2), torch.cat([slot.sink_v, slot.win_v, slot.seg_v], 2)
+        cos, sin = self._rope.get(wk.shape[-2], q, self.layer_type)
+        q, wk = rotate(q, cos[where.positions], sin[where.positions]), rotate(wk, cos, sin)
+        local = F.scaled_dot_product_attention(q, wk, wv, attn_mask=where.visible, scale=self.scaling, enable_gqa=True)
+        return gate_mix(local, read_memory(mq, slot.M, slot.z, self.n_kv_heads), self.memory_gate)
 
     def _attend_read_mix(self, q, wk, wv, mq, M, z, cos, sin, empty_tokens: int) -> torch.Tensor:
         """Local attention over the window, the memory read (before this piece is written)
@@ -281,6 +305,34 @@ class InfiniAttention(nn.Module):
         if cfg.xl_window:
             state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
         return out
+
+
+@dataclass(frozen=True)
+class PieceIndex:
+    """Where a padded prompt piece sits in its segment, shared by all layers."""
+
+    slots: torch.Tensor  # [P] long: the segment slots of the piece's tokens
+    positions: torch.Tensor  # [P] long: their positions in the window
+    visible: torch.Tensor  # [P, keys] bool: the window keys each token attends to
+
+
+@dataclass
+class PaddedSegment:
+    """A memory layer's stream in shapes that do not change from one prompt to the next, so
+    that a CUDA graph can replay its forward (infini_core.prompt_graph): the memory, the
+    window (sinks, previous segment) and slots for twice a segment, which hold the current
+    segment's tokens and then the piece's. Only the slots are written."""
+
+    M: torch.Tensor
+    z: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    win_k: torch.Tensor
+    win_v: torch.Tensor
+    seg_k: torch.Tensor
+    seg_v: torch.Tensor
+    seg_mk: torch.Tensor
+    where: PieceIndex | None = None
 
 
 @dataclass(frozen=True)

@@ -130,10 +130,15 @@ def ingest(
         nonlocal done, graph, cuda_graphs
         before = state.tokens
         left = None if total_tokens is None else total_tokens - done
+        first = cuda_graphs and len(ids) == block and before == 0 and not any(layer.segments for layer in state.layers)
         steady = cuda_graphs and len(ids) == block and graph is None and BlockGraph.steady(model, state)
         if steady:  # an earlier document's graph, if it fits this state
             graph = BlockGraph.reuse(model, state.layers, len(ids))
-        if graph is not None and len(ids) == graph.length:
+        if first and BlockGraph.first_for(model, len(ids)) is not None:
+            model.first_block_graph.replay(ids, state.layers)
+        elif first:  # (the capture reads ids eagerly)
+            BlockGraph.capture(model, state.layers, ids, first=True)
+        elif graph is not None and len(ids) == graph.length:
             graph.replay(ids, state.layers)
         # (a capture costs about one eager block of launches: worth it when 2+ replays follow)
         elif steady and (left is None or left >= 3 * block):
@@ -179,14 +184,20 @@ class BlockGraph:
     move into buffers of the graph's own, which each replay reads and overwrites in place.
     The model keeps the latest graph (`InfiniModel.block_graph`): a later document of the
     same block length loads its state into the buffers and replays it from its second block
-    on, without a new capture."""
+    on, without a new capture.
+
+    A document's first block takes other paths (the memory still empty, the sinks being
+    kept), so it has a graph of its own, captured from an empty state, uncompiled (a block
+    read once per document is not worth compiling its shapes), and kept as
+    `InfiniModel.first_block_graph`. Its buffers are the state it leaves, which the next
+    block's graph copies into its own before replaying; that graph shares its memory pool."""
 
     # the decoder layers' norms and MLP compiled too, not only the memory layers' step
     # (False: the fourth session's graph, which bench/ingest.py measures beside it)
     compile_decoder = True
 
-    def __init__(self, model: InfiniModel, layers: list[LayerState], length: int):
-        self.length, self.key = length, self.key_for(length)
+    def __init__(self, model: InfiniModel, layers: list[LayerState], length: int, first: bool = False):
+        self.length, self.first, self.key = length, first, self.key_for(length, first)
         self.segments = length // model.config.segment_len
         self.ids = torch.zeros(1, length, dtype=torch.long, device=model.device)
         # what the capture binds, per layer: name -> tensor (None where the layer has none)
@@ -194,9 +205,15 @@ class BlockGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     @classmethod
-    def key_for(cls, length: int) -> tuple:
+    def key_for(cls, length: int, first: bool = False) -> tuple:
         """What a graph is captured for: the block's length and the code it runs."""
-        return length, cls.compile_decoder, chosen_impl()
+        return length, first, not first and cls.compile_decoder, chosen_impl()
+
+    @classmethod
+    def first_for(cls, model: InfiniModel, length: int) -> "BlockGraph | None":
+        """The kept graph of a document's first block of this length, if there is one."""
+        graph = model.first_block_graph
+        return graph if graph is not None and graph.key == cls.key_for(length, first=True) else None
 
     @staticmethod
     def steady(model: InfiniModel, state: MemoryState) -> bool:
@@ -207,21 +224,23 @@ class BlockGraph:
                    for attn, layer in zip(infini_layers(model.lm), state.layers) if attn.has_memory)
 
     @classmethod
-    def capture(cls, model: InfiniModel, layers: list[LayerState], ids: list[int]) -> "BlockGraph | None":
+    def capture(cls, model: InfiniModel, layers: list[LayerState], ids: list[int],
+                first: bool = False) -> "BlockGraph | None":
         """Read `ids` eagerly on a side stream (the warm-up capture needs: cuBLAS, cuDNN and
         torch.compile set themselves up on first use), then capture the next block's
-        forward, compiled (`compiled_blocks`). Returns None, having read `ids`, if the
-        state's shapes would change from block to block."""
+        forward, compiled (`compiled_blocks`), or with `first` (`layers` of a new document)
+        a first block's, uncompiled. Returns None, having read `ids`, if the state's shapes
+        would change from block to block."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         block = torch.tensor([ids], device=model.device)
         for layer in layers:  # the warm-up sees the layout the capture will: compiled code is specialised to it
             layer.own_tensors()
         before = [replace(l) for l in layers]
-        compiled, decoder = True, model.lm if cls.compile_decoder else None
+        compiled, decoder = not first, model.lm if cls.compile_decoder else None
         with torch.cuda.stream(side):
             try:
-                with compiled_blocks(decoder):
+                with compiled_blocks(decoder) if compiled else contextlib.nullcontext():
                     forward(model.lm, block, layers, logits=False)
             except Exception as error:  # no working compiler here: the same graph, uncompiled
                 log.warning("torch.compile failed (%s); reading with uncompiled CUDA graphs", error)
@@ -231,10 +250,21 @@ class BlockGraph:
         torch.cuda.current_stream().wait_stream(side)
         for layer in layers:  # the graph's buffers: none a view of a block it no longer holds
             layer.own_tensors()
-        self = cls(model, layers, len(ids))
-        shadow = [replace(l) for l in layers]  # what the capture binds: same tensors, own counters
-        with compiled_blocks(decoder) if compiled else contextlib.nullcontext(), torch.cuda.graph(self.graph):
+        self = cls(model, layers, len(ids), first)
+        # what the capture binds: the same tensors with counters of their own, or a new state
+        shadow = [LayerState() for _ in layers] if first else [replace(l) for l in layers]
+        # a block's graph takes the memory pool of the first block's graph of the same length
+        # (the one order measured; a first block's graph captured into another block graph's
+        # pool failed on the device: "operation failed due to a previous error during capture")
+        other = None if first else model.first_block_graph
+        shared = other is not None and other.length == len(ids)
+        with compiled_blocks(decoder) if compiled else contextlib.nullcontext(), \
+                torch.cuda.graph(self.graph, pool=other.graph.pool() if shared else None):
             forward(model.lm, self.ids, shadow, logits=False)
+            if first:  # the state it leaves, the buffers each replay writes
+                self.buffers = [{name: getattr(after, name) for name in LAYER_TENSORS} for after in shadow]
+                model.first_block_graph = self
+                return self
             for layer, after in zip(layers, shadow):
                 for name in LAYER_TENSORS:
                     old, new = getattr(layer, name), getattr(after, name)
@@ -263,10 +293,14 @@ class BlockGraph:
         return self
 
     def replay(self, ids: list[int], layers: list[LayerState]) -> None:
-        """Read the next block into `layers`, whose tensors are this graph's buffers."""
+        """Read the next block into `layers`, whose tensors are this graph's buffers (or,
+        for a first block, become them)."""
         self.ids.copy_(torch.tensor([ids]))
         self.graph.replay()
-        for layer in layers:
+        for layer, buffers in zip(layers, self.buffers):
+            if self.first:
+                for name, buffer in buffers.items():
+                    setattr(layer, name, buffer)
             layer.segments += self.segments
 
 

@@ -36,6 +36,9 @@ class InfiniModel:
     stop_ids: tuple[int, ...]
     # ingest's latest CUDA graph (ingest.BlockGraph), kept for the next document
     block_graph: object | None = field(default=None, repr=False, compare=False)
+    first_block_graph: object | None = field(default=None, repr=False, compare=False)  # of a document's first block
+    # answers' CUDA graphs (prompt_graph.PromptGraphs); False where they do not apply
+    prompt_graphs: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def config(self) -> InfiniConfig:

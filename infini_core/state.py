@@ -43,7 +43,7 @@ class LayerState:
 
     @property
     def segment_tokens(self) -> int:
-        return self.seg_k.shape[2]
+        return 0 if self.seg_k is None else self.seg_k.shape[2]  # (a loaded snapshot stores no empty segment)
 
     def own_tensors(self) -> None:
         """Give each tensor a contiguous buffer of its own: no view into a block's keys, none

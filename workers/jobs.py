@@ -101,6 +101,13 @@ class Context:
             self._model = load_model(s.model, infini=InfiniConfig(segment_len=s.segment_len),
                                      adapter=s.adapter, device=self.device)
             log.info("model %s loaded on %s in %.1f s", s.model, self._model.device, time.perf_counter() - started)
+            if self._model.device.type == "cuda":
+                from infini_core.prompt_graph import capture_prompt_graphs
+
+                started = time.perf_counter()
+                captured = capture_prompt_graphs(self._model)
+                log.info("answer CUDA graphs %s in %.1f s", "captured" if captured else "not used",
+                         time.perf_counter() - started)
         return self._model
 
     def redis(self):

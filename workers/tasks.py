@@ -117,6 +117,7 @@ def _init_process(**_) -> None:
         gpus = torch.cuda.device_count()
         if gpus > 1:  # one child per GPU (concurrency = GPU count)
             ctx.device = f"cuda:{current_process().index % gpus}"
+            torch.cuda.set_device(ctx.device)  # (CUDA graphs capture on the current device)
     try:
         ctx.model()
     except Exception:  # the tasks will report it on their jobs; a crash here would respawn forever

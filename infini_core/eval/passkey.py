@@ -47,12 +47,12 @@ def found(generated: str, key: str) -> bool:
 
 def greedy_continuation(model, state, prompt: list[int], new_tokens: int) -> str:
     """Greedy decoding of `new_tokens` after `prompt`, continuing `state` (which it changes)."""
-    from ..stream import continue_stream
+    from ..prompt_graph import prompt_logits
 
     out, nxt = [], prompt
     with torch.no_grad():
         for _ in range(new_tokens):
-            token = int(continue_stream(model, state, nxt)[0, -1].argmax())
+            token = int(prompt_logits(model, state, nxt)[0, -1].argmax())
             out.append(token)
             nxt = [token]
     return model.tokenizer.decode(out, skip_special_tokens=True)

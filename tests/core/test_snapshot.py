@@ -124,11 +124,11 @@ def test_blocks_replayed_from_a_cuda_graph_read_as_eager_blocks_do(arch, compile
     # the checkpoints taken between replays are the states of the eager read at that point
     assert [c.tokens for c in seen] == list(range(64, 40 * 16 + 1, 64))
     assert_same_state(seen[-2], ingest(gpu, ids[:seen[-2].tokens], block_segments=2, cuda_graphs=False))
-    # a later document replays the kept graph from its second block on, and the first
-    # document's state is its own (not the graph's buffers, which the second overwrote)
+    # a later document replays the kept graphs (its first block's and the others'), and the
+    # first document's state is its own (not the graphs' buffers, which the second overwrote)
     replays.clear()
     second = ingest(gpu, ids[::-1], block_segments=2, cuda_graphs=True)
-    assert len(replays) == 19 and gpu.block_graph is not None
+    assert len(replays) == 20 and gpu.block_graph is not None and gpu.first_block_graph is not None
     assert_same_state(second, ingest(gpu, ids[::-1], block_segments=2, cuda_graphs=False))
     assert_same_state(graphed, eager)
 
