@@ -40,7 +40,7 @@ def prompt_logits(model: InfiniModel, state: MemoryState, ids: list[int]) -> tor
 
 def capture_prompt_graphs(model: InfiniModel) -> bool:
     """Capture the graphs of every bucket now, as a worker does when it loads its model, so
-    that no question waits for one (about 0.2 s each). False where answers run eagerly."""
+    that no question waits for one (all six: 1.8 s on an H200). False where answers run eagerly."""
     graphs = _graphs_of(model)
     return graphs is not None and graphs.ready(set(graphs.buckets()))
 
