@@ -88,9 +88,9 @@ def time_to_first_token(model, state_path: Path, question_ids, read, repeats: in
     (continue_stream: eager; prompt_logits: the product's CUDA graphs): cold (the snapshot
     loaded from disk onto the GPU first) and warm (the snapshot already in GPU memory, as
     the worker's snapshot cache holds recent ones)."""
-    load = lambda: snap_state(model, state_path)
-    held = load()
-    cold = min(measure(lambda: first_token(model, load(), question_ids, read))[0] for _ in range(repeats))
+    held = snap_state(model, state_path)
+    cold = min(measure(lambda: first_token(model, snap_state(model, state_path), question_ids, read))[0]
+               for _ in range(repeats))
     warm = min(measure(lambda: first_token(model, held, question_ids, read))[0] for _ in range(repeats))
     return cold, warm
 

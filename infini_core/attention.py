@@ -277,7 +277,7 @@ class InfiniAttention(nn.Module):
         cos, sin = self._rope.get(wk.shape[-2], q, self.layer_type)
         q, wk = rotate(q, cos[where.positions], sin[where.positions]), rotate(wk, cos, sin)
         local = F.scaled_dot_product_attention(q, wk, wv, attn_mask=where.visible, scale=self.scaling, enable_gqa=True)
-        return gate_mix(local, read_memory(mq, slot.M, slot.z, self.n_kv_heads), self.memory_gate)
+        return self._mix(local, read_memory(mq, slot.M, slot.z, self.n_kv_heads))
 
     def _attend_read_mix(self, q, wk, wv, mq, M, z, cos, sin, empty_tokens: int) -> torch.Tensor:
         """Local attention over the window, the memory read (before this piece is written)

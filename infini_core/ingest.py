@@ -130,12 +130,13 @@ def ingest(
         nonlocal done, graph, cuda_graphs
         before = state.tokens
         left = None if total_tokens is None else total_tokens - done
-        first = cuda_graphs and len(ids) == block and before == 0 and not any(layer.segments for layer in state.layers)
+        first = cuda_graphs and len(ids) == block and before == 0  # (a document's first block)
+        kept_first = BlockGraph.first_for(model, len(ids)) if first else None
         steady = cuda_graphs and len(ids) == block and graph is None and BlockGraph.steady(model, state)
         if steady:  # an earlier document's graph, if it fits this state
             graph = BlockGraph.reuse(model, state.layers, len(ids))
-        if first and BlockGraph.first_for(model, len(ids)) is not None:
-            model.first_block_graph.replay(ids, state.layers)
+        if kept_first is not None:
+            kept_first.replay(ids, state.layers)
         elif first:  # (the capture reads ids eagerly)
             BlockGraph.capture(model, state.layers, ids, first=True)
         elif graph is not None and len(ids) == graph.length:
@@ -273,7 +274,7 @@ class BlockGraph:
                     if old is None or new.shape != old.shape:
                         return None  # (captured nothing that has run; the caller reads eagerly)
                     old.copy_(new)
-        model.block_graph = self  # (the latest only: each graph holds a memory pool of its own)
+        model.block_graph = self  # (the latest only: each holds a memory pool)
         return self
 
     @classmethod
