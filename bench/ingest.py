@@ -14,6 +14,7 @@ depend on the weights. Paths, each in one run on the same GPU:
           (a worker reads many). Its peak counts the graphs' memory pool, which stays
           reserved between documents (other rows: memory allocated)
   graph-attn  graph with only the memory step compiled (the fourth session's graph)
+  graph-ieee  graph with the memory's fp32 matmuls in IEEE fp32, not TF32 (before the ninth session)
   fused   graph, with the memory through the Triton kernels
 Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
 OUT/ingest.png (tokens/s and memory against length). `--profile N` instead profiles one
@@ -33,6 +34,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from infini_core import InfiniConfig, convert_to_infini
+import infini_core.ingest as infini_ingest
 from infini_core.ingest import BlockGraph, ingest
 from infini_core.loading import InfiniModel
 from infini_core.memory import use_impl
@@ -68,15 +70,17 @@ def hf_prefill(base, ids):
         return base.model(input_ids=ids[None], use_cache=False).last_hidden_state
 
 
-# path -> (memory op, CUDA graphs, decoder's norms and MLP compiled in the graph)
-IMPLS = {"naive": ("naive", False, False), "chunk": ("chunk", False, False), "graph": ("chunk", True, True),
-         "graph-reused": ("chunk", True, True), "graph-attn": ("chunk", True, False), "fused": ("fused", True, True)}
+# path -> (memory op, CUDA graphs, decoder's norms and MLP compiled in the graph, TF32 memory matmuls)
+IMPLS = {"naive": ("naive", False, False, True), "chunk": ("chunk", False, False, True),
+         "graph": ("chunk", True, True, True), "graph-reused": ("chunk", True, True, True),
+         "graph-attn": ("chunk", True, False, True), "graph-ieee": ("chunk", True, True, False),
+         "fused": ("fused", True, True, True)}
 
 
 def our_ingest(model, ids, path, block_segments):
     """Read ids as a first document (no graphs kept from before), or for graph-reused as the
     document after one of the same block length."""
-    impl, graphs, BlockGraph.compile_decoder = IMPLS[path]
+    impl, graphs, BlockGraph.compile_decoder, infini_ingest.TF32_MEMORY = IMPLS[path]
     if path != "graph-reused":
         model.block_graph = model.first_block_graph = None
     with use_impl(impl):

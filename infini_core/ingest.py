@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 # less often
 BLOCK_SEGMENTS = {"cuda": 64, "cpu": 8}
 
+# A 16-bit model reading on CUDA runs its fp32 matmuls (the memory's, nothing else) on TF32
+# tensor cores: the delta rule's decays and scan took 18% of an H200's time on plain fp32
+# units (docs/benchmarks.md, ninth session: speed and passkeys). False: IEEE fp32. An fp32
+# model keeps IEEE fp32 throughout.
+TF32_MEMORY = True
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -156,7 +162,7 @@ def ingest(
 
     buffer, state.pending = state.pending, []
     state.tokens -= len(buffer)  # pending tokens are counted again as they run
-    with torch.no_grad():
+    with torch.no_grad(), memory_matmuls(model):
         for ids in pieces:
             buffer.extend(ids)
             while len(buffer) >= block:
@@ -176,6 +182,20 @@ def ingest(
     if state.tokens == 0:
         raise ValueError("the document has no text to read")
     return state
+
+
+@contextlib.contextmanager
+def memory_matmuls(model: InfiniModel):
+    """fp32 matmuls as TF32 inside, for a 16-bit model on CUDA where TF32_MEMORY says so."""
+    if torch.device(model.device).type != "cuda" or model.lm.dtype == torch.float32 or not TF32_MEMORY:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class BlockGraph:
@@ -208,7 +228,7 @@ class BlockGraph:
     @classmethod
     def key_for(cls, length: int, first: bool = False) -> tuple:
         """What a graph is captured for: the block's length and the code it runs."""
-        return length, first, not first and cls.compile_decoder, chosen_impl()
+        return length, first, not first and cls.compile_decoder, chosen_impl(), TF32_MEMORY
 
     @classmethod
     def first_for(cls, model: InfiniModel, length: int) -> "BlockGraph | None":
@@ -232,7 +252,7 @@ class BlockGraph:
         forward, compiled (`compiled_blocks`), or with `first` (`layers` of a new document)
         a first block's, uncompiled. Returns None, having read `ids`, if the state's shapes
         would change from block to block."""
-        side = torch.cuda.Stream()
+        side = model.side_stream()
         side.wait_stream(torch.cuda.current_stream())
         block = torch.tensor([ids], device=model.device)
         for layer in layers:  # the warm-up sees the layout the capture will: compiled code is specialised to it
@@ -255,8 +275,6 @@ class BlockGraph:
         # what the capture binds: the same tensors with counters of their own, or a new state
         shadow = [LayerState() for _ in layers] if first else [replace(l) for l in layers]
         # a block's graph takes the memory pool of the first block's graph of the same length
-        # (the one order measured; a first block's graph captured into another block graph's
-        # pool failed on the device: "operation failed due to a previous error during capture")
         other = None if first else model.first_block_graph
         shared = other is not None and other.length == len(ids)
         with compiled_blocks(decoder) if compiled else contextlib.nullcontext(), \
@@ -264,9 +282,7 @@ class BlockGraph:
             forward(model.lm, self.ids, shadow, logits=False)
             if first:  # the state it leaves, the buffers each replay writes
                 self.buffers = [{name: getattr(after, name) for name in LAYER_TENSORS} for after in shadow]
-                model.first_block_graph = self
-                return self
-            for layer, after in zip(layers, shadow):
+            for layer, after in zip(layers, shadow) if not first else ():
                 for name in LAYER_TENSORS:
                     old, new = getattr(layer, name), getattr(after, name)
                     if new is old:
@@ -274,7 +290,13 @@ class BlockGraph:
                     if old is None or new.shape != old.shape:
                         return None  # (captured nothing that has run; the caller reads eagerly)
                     old.copy_(new)
-        model.block_graph = self  # (the latest only: each holds a memory pool)
+        # kept once the capture has ended: the graph this one replaces is destroyed here, and a
+        # graph destroyed during a capture breaks it (on the device: "operation not permitted
+        # when stream is capturing", then "operation failed due to a previous error during capture")
+        if first:
+            model.first_block_graph = self
+        else:
+            model.block_graph = self  # (the latest only: each holds a memory pool)
         return self
 
     @classmethod

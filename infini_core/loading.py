@@ -39,6 +39,15 @@ class InfiniModel:
     first_block_graph: object | None = field(default=None, repr=False, compare=False)  # of a document's first block
     # answers' CUDA graphs (prompt_graph.PromptGraphs); False where they do not apply
     prompt_graphs: object | None = field(default=None, repr=False, compare=False)
+    _side_stream: object | None = field(default=None, repr=False, compare=False)
+
+    def side_stream(self) -> torch.cuda.Stream:
+        """The one stream every CUDA graph of this model warms up on before its capture.
+        cuBLAS keeps workspaces for each stream it has run on, allocated for the process's
+        life: a new stream per capture left hundreds of MiB behind."""
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
 
     @property
     def config(self) -> InfiniConfig:

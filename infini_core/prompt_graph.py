@@ -195,7 +195,7 @@ class _Captured:
         self.graph = None
         if graphs.cuda_graphs:
             with torch.cuda.device(device), torch.no_grad():
-                side = torch.cuda.Stream()  # a warm-up first, on a side stream, as capture needs
+                side = graphs.model.side_stream()  # a warm-up first, on a side stream, as capture needs
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
                     graphs.forward(self)
