@@ -257,7 +257,7 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
              f"| {what[:-1]} | calls | ms | share |", "|---|---|---|---|"]
     for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
         ms = getattr(e, key) / 1e3
-        lines.append(f"| `{e.key[:90]}` | {e.count} | {ms:,.1f} | {100 * ms / total_ms:.1f}% |")
+        lines.append(f"| `{kernel_name(e.key)}` | {e.count} | {ms:,.1f} | {100 * ms / total_ms:.1f}% |")
     # the first answer token from that snapshot, held in memory: where its CPU time goes
     question = torch.randint(0, 49152, (QUESTION_TOKENS,)).tolist()
     first = lambda: first_token(model, state, question, prompt_logits)
@@ -275,6 +275,11 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
         lines.append(f"| `{e.key[:90]}` | {e.count} | {e.self_cpu_time_total / 1e3:,.1f} | "
                      f"{getattr(e, 'self_device_time_total', 0) / 1e3:,.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def kernel_name(key: str, width: int = 150) -> str:
+    """A kernel's name without the namespaces that hide which aten functor it runs."""
+    return key.removeprefix("void ").replace("at::native::", "").replace("at::", "")[:width]
 
 
 def write_report(rows: list[dict], out: Path, gpu: str) -> None:
