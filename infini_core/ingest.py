@@ -187,7 +187,7 @@ def ingest(
 @contextlib.contextmanager
 def memory_matmuls(model: InfiniModel):
     """fp32 matmuls as TF32 inside, for a 16-bit model on CUDA where TF32_MEMORY says so."""
-    if torch.device(model.device).type != "cuda" or model.lm.dtype == torch.float32 or not TF32_MEMORY:
+    if model.device.type != "cuda" or model.lm.dtype == torch.float32 or not TF32_MEMORY:
         yield
         return
     before = torch.get_float32_matmul_precision()
@@ -282,14 +282,15 @@ class BlockGraph:
             forward(model.lm, self.ids, shadow, logits=False)
             if first:  # the state it leaves, the buffers each replay writes
                 self.buffers = [{name: getattr(after, name) for name in LAYER_TENSORS} for after in shadow]
-            for layer, after in zip(layers, shadow) if not first else ():
-                for name in LAYER_TENSORS:
-                    old, new = getattr(layer, name), getattr(after, name)
-                    if new is old:
-                        continue
-                    if old is None or new.shape != old.shape:
-                        return None  # (captured nothing that has run; the caller reads eagerly)
-                    old.copy_(new)
+            else:
+                for layer, after in zip(layers, shadow):
+                    for name in LAYER_TENSORS:
+                        old, new = getattr(layer, name), getattr(after, name)
+                        if new is old:
+                            continue
+                        if old is None or new.shape != old.shape:
+                            return None  # (captured nothing that has run; the caller reads eagerly)
+                        old.copy_(new)
         # kept once the capture has ended: the graph this one replaces is destroyed here, and a
         # graph destroyed during a capture breaks it (on the device: "operation not permitted
         # when stream is capturing", then "operation failed due to a previous error during capture")
