@@ -429,6 +429,9 @@ _compiled_steps: dict = {}  # function -> its compiled version, shared by all la
 def _compiled_version(fn):
     compiled = _compiled_steps.get(fn)
     if compiled is None:
+        # one compilation per shape: ingest keeps graphs of up to 7 block lengths, and dynamo
+        # falls back to eager past its limit (8 by default) of versions per function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         # rounding where eager rounds (bf16 casts kept), so compiled code reads as eager code does
         compiled = _compiled_steps[fn] = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
     return compiled

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -99,7 +99,7 @@ def ingest(
     Whole segments go through in blocks of `block_segments` (default: BLOCK_SEGMENTS for
     the model's device), so memory use is bounded by the block, not by the document; the
     unfinished last segment waits in `state.pending`. On CUDA (or with `cuda_graphs`) the
-    blocks of a long document replay one captured CUDA graph (`BlockGraph`).
+    blocks replay CUDA graphs the model keeps for every later document (`BlockGraph`).
     Every `checkpoint_every` segments `on_checkpoint` gets the live state (save it; reading
     the rest of the document into a reloaded checkpoint gives the same final state). Save
     or `clone()` it before returning: a CUDA graph overwrites its tensors with the next block.
@@ -112,9 +112,8 @@ def ingest(
         block_segments = BLOCK_SEGMENTS.get(device.type, BLOCK_SEGMENTS["cpu"])
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
-    block = block_segments * n
     if checkpoint_every:
-        block = min(block, checkpoint_every * n)
+        block_segments = min(block_segments, checkpoint_every)
     pieces = document_tokens(model, document, state.tokens == 0)
     if total_tokens is None and isinstance(document, torch.Tensor):
         total_tokens = document.numel()
@@ -123,7 +122,7 @@ def ingest(
         total_tokens = sum(map(len, pieces))
 
     done, started = 0, time.perf_counter()
-    graph: BlockGraph | None = None
+    first_segments = model.config.memory_lag + 1  # (then every memory layer takes the whole-segment path)
 
     def report() -> None:
         if on_progress:
@@ -133,24 +132,10 @@ def ingest(
 
     def run(ids: list[int]) -> None:
         """Whole segments through the model (no LM head)."""
-        nonlocal done, graph, cuda_graphs
+        nonlocal done, cuda_graphs
         before = state.tokens
-        left = None if total_tokens is None else total_tokens - done
-        first = cuda_graphs and len(ids) == block and before == 0  # (a document's first block)
-        kept_first = BlockGraph.first_for(model, len(ids)) if first else None
-        steady = cuda_graphs and len(ids) == block and graph is None and BlockGraph.steady(model, state)
-        if steady:  # an earlier document's graph, if it fits this state
-            graph = BlockGraph.reuse(model, state.layers, len(ids))
-        if kept_first is not None:
-            kept_first.replay(ids, state.layers)
-        elif first:  # (the capture reads ids eagerly)
-            BlockGraph.capture(model, state.layers, ids, first=True)
-        elif graph is not None and len(ids) == graph.length:
-            graph.replay(ids, state.layers)
-        # (a capture costs about one eager block of launches: worth it when 2+ replays follow)
-        elif steady and (left is None or left >= 3 * block):
-            graph = BlockGraph.capture(model, state.layers, ids)
-            cuda_graphs = graph is not None  # shapes that change from block to block: eager
+        if cuda_graphs:
+            cuda_graphs = BlockGraph.read(model, state, ids, None if total_tokens is None else total_tokens - done)
         else:
             forward(model.lm, torch.tensor([ids], device=model.device), state.layers, logits=False)
         state.tokens += len(ids)
@@ -160,18 +145,26 @@ def ingest(
         if on_checkpoint and every and state.tokens // every > before // every:
             on_checkpoint(state)
 
+    def next_segments(final: bool) -> int:
+        """Whole segments of the buffer to read next (0: wait for more text): the lengths of
+        a worker's graphs (`capture_ingest_graphs`), else blocks and the rest in one piece."""
+        segments = len(buffer) // n
+        if cuda_graphs and model.ingest_graphs is not None and model.ingest_graphs.capture_all:
+            return graph_block(segments, block_segments, first_segments if state.tokens == 0 else 0, final)
+        return block_segments if segments >= block_segments else segments if final else 0
+
     buffer, state.pending = state.pending, []
     state.tokens -= len(buffer)  # pending tokens are counted again as they run
     with torch.no_grad(), memory_matmuls(model):
         for ids in pieces:
             buffer.extend(ids)
-            while len(buffer) >= block:
-                run(buffer[:block])
-                del buffer[:block]
-        whole = len(buffer) // n * n
-        if whole:
-            run(buffer[:whole])
-    state.pending = buffer[whole:]
+            while take := next_segments(final=False):
+                run(buffer[:take * n])
+                del buffer[:take * n]
+        while take := next_segments(final=True):
+            run(buffer[:take * n])
+            del buffer[:take * n]
+    state.pending = buffer
     state.tokens += len(state.pending)
     # tensors of its own: not views that keep a whole block's keys alive, nor the buffers of
     # a CUDA graph that the next document overwrites
@@ -182,6 +175,41 @@ def ingest(
     if state.tokens == 0:
         raise ValueError("the document has no text to read")
     return state
+
+
+def graph_block(segments: int, block_segments: int, first_segments: int, final: bool) -> int:
+    """How many of `segments` buffered whole segments to read next through a CUDA graph, so
+    that every document, however long, reads through a few graphs kept for all documents:
+    its first `first_segments` (the start of a document, 0 past it); then blocks of
+    `block_segments`; then, at the end (`final`), what is left as powers of two, with one
+    block of 3 where the count is odd (a single segment reads eagerly: the whole-segment
+    path takes two or more). 0: wait for more text."""
+    if first_segments:
+        return first_segments if segments >= first_segments else segments if final else 0
+    if segments >= block_segments:
+        return block_segments
+    if not final or segments == 0:
+        return 0
+    if segments % 2 and segments >= 3:
+        return 3
+    return 1 << (segments.bit_length() - 1)
+
+
+def capture_ingest_graphs(model: InfiniModel, block_segments: int | None = None) -> bool:
+    """Capture (and compile) every graph `ingest` reads through, as a worker does when it
+    loads its model, so that no document waits for one: short documents of made-up tokens,
+    one for each block length `graph_block` gives. False where ingest reads eagerly."""
+    if model.device.type != "cuda":
+        return False
+    n, first = model.config.segment_len, model.config.memory_lag + 1
+    block_segments = block_segments or BLOCK_SEGMENTS["cuda"]
+    sizes = {block_segments, 3} | {1 << k for k in range(1, block_segments.bit_length()) if 1 << k < block_segments}
+    model.ingest_graphs = model.ingest_graphs or KeptGraphs()
+    model.ingest_graphs.capture_all = True
+    made_up, vocab = torch.Generator().manual_seed(0), model.lm.get_input_embeddings().num_embeddings
+    for size in sorted(sizes):
+        ingest(model, torch.randint(0, vocab, ((first + size) * n,), generator=made_up), block_segments=block_segments)
+    return len(model.ingest_graphs.graphs) > 0
 
 
 @contextlib.contextmanager
@@ -199,58 +227,77 @@ def memory_matmuls(model: InfiniModel):
 
 
 class BlockGraph:
-    """One block's forward captured as a CUDA graph and replayed for every later block of the
-    same length. A block is thousands of small kernels, and launching them one by one from
-    Python kept the GPU idle more than half the time (docs/benchmarks.md). The layer states
-    move into buffers of the graph's own, which each replay reads and overwrites in place.
-    The model keeps the latest graph (`InfiniModel.block_graph`): a later document of the
-    same block length loads its state into the buffers and replays it from its second block
-    on, without a new capture.
+    """A block's forward captured as a CUDA graph and replayed for every later block of the
+    same length and state layout, in this document and later ones. A block is thousands of
+    small kernels, and launching them one by one from Python kept the GPU idle more than
+    half the time (docs/benchmarks.md); a document shorter than a block read eagerly at a
+    tenth of the speed of a long one.
 
-    A document's first block takes other paths (the memory still empty, the sinks being
-    kept), so it has a graph of its own, captured from an empty state, uncompiled (a block
-    read once per document is not worth compiling its shapes), and kept as
-    `InfiniModel.first_block_graph`. Its buffers are the state it leaves, which the next
-    block's graph copies into its own before replaying; that graph shares its memory pool."""
+    A document reads through a few kept graphs (`graph_block`): its first segments (the
+    memory still empty, the sinks being kept: a path of their own, captured from an empty
+    state), then blocks of `block_segments`, then its end in powers of two and a 3. A
+    worker captures them all when it starts (`capture_ingest_graphs`); a one-off read
+    captures only lengths that 3 more blocks of follow, and reads the rest eagerly. All of
+    a model's graphs read and write one set of state buffers per layout (`KeptGraphs`), so
+    a document moves from one to the next without copies, and they share one memory pool:
+    none keeps a tensor of the pool alive, so the pool is as large as the largest block
+    needs, not the sum."""
 
     # the decoder layers' norms and MLP compiled too, not only the memory layers' step
     # (False: the fourth session's graph, which bench/ingest.py measures beside it)
     compile_decoder = True
 
-    def __init__(self, model: InfiniModel, layers: list[LayerState], length: int, first: bool = False):
-        self.length, self.first, self.key = length, first, self.key_for(length, first)
+    def __init__(self, model: InfiniModel, length: int, first: bool, buffers: list[dict]):
+        self.length, self.first, self.buffers = length, first, buffers
         self.segments = length // model.config.segment_len
         self.ids = torch.zeros(1, length, dtype=torch.long, device=model.device)
-        # what the capture binds, per layer: name -> tensor (None where the layer has none)
-        self.buffers = [{name: getattr(layer, name) for name in LAYER_TENSORS} for layer in layers]
         self.graph = torch.cuda.CUDAGraph()
 
     @classmethod
-    def key_for(cls, length: int, first: bool = False) -> tuple:
-        """What a graph is captured for: the block's length and the code it runs."""
-        return length, first, not first and cls.compile_decoder, chosen_impl(), TF32_MEMORY
+    def key_for(cls, length: int, first: bool, layout: tuple) -> tuple:
+        """What a graph is captured for: the block's length, the layout of the state it
+        reads, and the code it runs."""
+        return length, first, layout, cls.compile_decoder, chosen_impl(), TF32_MEMORY
 
     @classmethod
-    def first_for(cls, model: InfiniModel, length: int) -> "BlockGraph | None":
-        """The kept graph of a document's first block of this length, if there is one."""
-        graph = model.first_block_graph
-        return graph if graph is not None and graph.key == cls.key_for(length, first=True) else None
+    def read(cls, model: InfiniModel, state: MemoryState, ids: list[int], left: int | None) -> bool:
+        """Read `ids` (whole segments; `left` tokens of the document from them on, None if
+        unknown) into `state` through a kept graph, or capture one (which reads them eagerly
+        first) where it pays, or eagerly. False once the state's shapes change from block to
+        block (read the rest of the document eagerly)."""
+        layers, n = state.layers, model.config.segment_len
+        first = len(ids) == (model.config.memory_lag + 1) * n and state.tokens == 0 and all(
+            layer.segments == 0 and layer.win_k is None for layer in layers)
+        kept = model.ingest_graphs
+        graph = None
+        if first or (len(ids) >= 2 * n and cls.steady(model, state)):
+            graph = kept and kept.graphs.get(cls.key_for(len(ids), first, () if first else layout_of(layers)))
+            # compiling and capturing a length costs more than a short document's eager read:
+            # only for a worker (it reads many) or where 3 more blocks of it follow
+            if graph is None and (kept and kept.capture_all or not first and (left is None or left >= 3 * len(ids))):
+                kept = model.ingest_graphs = kept or KeptGraphs()
+                return cls.capture(model, kept, layers, ids, first) is not None
+        if graph is not None:
+            graph.replay(ids, layers)
+        else:
+            forward(model.lm, torch.tensor([ids], device=model.device), layers, logits=False)
+        return True
 
     @staticmethod
     def steady(model: InfiniModel, state: MemoryState) -> bool:
-        """Whether every later block takes the same path with the same shapes: all memory
-        layers past the start (whole-segment path, sinks kept), and on a segment boundary."""
+        """Whether the next block takes the steady path: all memory layers past the start
+        (whole-segment path, sinks kept), and on a segment boundary."""
         lag = model.config.memory_lag
         return all(layer.segments > lag and layer.seg_k is not None and layer.seg_k.shape[2] == 0
                    for attn, layer in zip(infini_layers(model.lm), state.layers) if attn.has_memory)
 
     @classmethod
-    def capture(cls, model: InfiniModel, layers: list[LayerState], ids: list[int],
-                first: bool = False) -> "BlockGraph | None":
+    def capture(cls, model: InfiniModel, kept: "KeptGraphs", layers: list[LayerState], ids: list[int],
+                first: bool) -> "BlockGraph | None":
         """Read `ids` eagerly on a side stream (the warm-up capture needs: cuBLAS, cuDNN and
-        torch.compile set themselves up on first use), then capture the next block's
-        forward, compiled (`compiled_blocks`), or with `first` (`layers` of a new document)
-        a first block's, uncompiled. Returns None, having read `ids`, if the state's shapes
+        torch.compile set themselves up on first use), then capture a block's forward,
+        compiled (`compiled_blocks`): with `first` (`layers` of a new document), a first
+        block's from an empty state. Returns None, having read `ids`, if the state's shapes
         would change from block to block."""
         side = model.side_stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -258,7 +305,7 @@ class BlockGraph:
         for layer in layers:  # the warm-up sees the layout the capture will: compiled code is specialised to it
             layer.own_tensors()
         before = [replace(l) for l in layers]
-        compiled, decoder = not first, model.lm if cls.compile_decoder else None
+        compiled, decoder = True, model.lm if cls.compile_decoder else None
         with torch.cuda.stream(side):
             try:
                 with compiled_blocks(decoder) if compiled else contextlib.nullcontext():
@@ -269,66 +316,73 @@ class BlockGraph:
                 forward(model.lm, block, layers, logits=False)
                 compiled = False
         torch.cuda.current_stream().wait_stream(side)
-        for layer in layers:  # the graph's buffers: none a view of a block it no longer holds
+        # the graph reads (a later block) the state's tensors, which become the buffers of
+        # their layout; a first block's graph only writes them
+        for layer in layers:
             layer.own_tensors()
-        self = cls(model, layers, len(ids), first)
-        # what the capture binds: the same tensors with counters of their own, or a new state
+        reads = () if first else layout_of(layers)
+        buffers = kept.buffers_for(layers)
+        if not first:
+            move_into(buffers, layers)
+        self = cls(model, len(ids), first, buffers)
         shadow = [LayerState() for _ in layers] if first else [replace(l) for l in layers]
-        # a block's graph takes the memory pool of the first block's graph of the same length
-        other = None if first else model.first_block_graph
-        shared = other is not None and other.length == len(ids)
         with compiled_blocks(decoder) if compiled else contextlib.nullcontext(), \
-                torch.cuda.graph(self.graph, pool=other.graph.pool() if shared else None):
+                torch.cuda.graph(self.graph, pool=kept.pool):
             forward(model.lm, self.ids, shadow, logits=False)
-            if first:  # the state it leaves, the buffers each replay writes
-                self.buffers = [{name: getattr(after, name) for name in LAYER_TENSORS} for after in shadow]
-            else:
-                for layer, after in zip(layers, shadow):
-                    for name in LAYER_TENSORS:
-                        old, new = getattr(layer, name), getattr(after, name)
-                        if new is old:
-                            continue
-                        if old is None or new.shape != old.shape:
-                            return None  # (captured nothing that has run; the caller reads eagerly)
-                        old.copy_(new)
-        # kept once the capture has ended: the graph this one replaces is destroyed here, and a
-        # graph destroyed during a capture breaks it (on the device: "operation not permitted
-        # when stream is capturing", then "operation failed due to a previous error during capture")
-        if first:
-            model.first_block_graph = self
-        else:
-            model.block_graph = self  # (the latest only: each holds a memory pool)
-        return self
-
-    @classmethod
-    def reuse(cls, model: InfiniModel, layers: list[LayerState], length: int) -> "BlockGraph | None":
-        """The graph an earlier read captured for blocks of this length, its buffers loaded
-        with these states (which then read through them), or None if there is none or the
-        states' shapes differ from its buffers'."""
-        self = model.block_graph
-        if self is None or self.key != cls.key_for(length) or len(self.buffers) != len(layers) or not all(
-                _same_layout(getattr(layer, name), buffer) for layer, buffers in zip(layers, self.buffers)
-                for name, buffer in buffers.items()):
-            return None
-        for layer, buffers in zip(layers, self.buffers):
-            for name, buffer in buffers.items():
-                if buffer is not None:
-                    setattr(layer, name, buffer.copy_(getattr(layer, name)))
+            for after, targets in zip(shadow, buffers):
+                for name, old in targets.items():
+                    new = getattr(after, name)
+                    if new is old:
+                        continue
+                    if old is None or new is None or new.shape != old.shape:
+                        return None  # (captured nothing that has run; the caller reads eagerly)
+                    old.copy_(new)
+        del shadow  # (nothing of the pool outlives the capture)
+        kept.graphs[cls.key_for(len(ids), first, reads)] = self
         return self
 
     def replay(self, ids: list[int], layers: list[LayerState]) -> None:
-        """Read the next block into `layers`, whose tensors are this graph's buffers (or,
-        for a first block, become them)."""
+        """Read the next block into `layers`, whose tensors then are this graph's buffers."""
+        if not self.first:  # (a state from elsewhere, a loaded snapshot say, moves in)
+            move_into(self.buffers, layers)
         self.ids.copy_(torch.tensor([ids]))
         self.graph.replay()
         for layer, buffers in zip(layers, self.buffers):
-            if self.first:
-                for name, buffer in buffers.items():
-                    setattr(layer, name, buffer)
+            for name, buffer in buffers.items():
+                setattr(layer, name, buffer)
             layer.segments += self.segments
 
 
-def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.shape == b.shape and a.dtype == b.dtype
+def layout_of(layers: list[LayerState]) -> tuple:
+    """The shapes and dtypes of the layers' tensors: what a graph's buffers must match."""
+    return tuple(None if (t := getattr(layer, name)) is None else (tuple(t.shape), t.dtype)
+                 for layer in layers for name in LAYER_TENSORS)
+
+
+@dataclass
+class KeptGraphs:
+    """A model's ingest graphs (`InfiniModel.ingest_graphs`), kept for later documents: by
+    `BlockGraph.key_for`, with the state buffers they read and write (per layout) and the
+    memory pool they share."""
+
+    graphs: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)  # layout -> per layer: name -> tensor
+    pool: object = field(default_factory=lambda: torch.cuda.graph_pool_handle())
+    # a worker's (`capture_ingest_graphs`): capture every block length met, not only those
+    # that pay for themselves within one document
+    capture_all: bool = False
+
+    def buffers_for(self, layers: list[LayerState]) -> list[dict]:
+        """The buffers of the layers' layout (their own tensors become them if there are none)."""
+        layout = layout_of(layers)
+        if layout not in self.buffers:
+            self.buffers[layout] = [{name: getattr(layer, name) for name in LAYER_TENSORS} for layer in layers]
+        return self.buffers[layout]
+
+
+def move_into(buffers: list[dict], layers: list[LayerState]) -> None:
+    """The layers' state copied into `buffers` of the same layout, which the layers then hold."""
+    for layer, named in zip(layers, buffers):
+        for name, buffer in named.items():
+            if buffer is not None and getattr(layer, name) is not buffer:
+                setattr(layer, name, buffer.copy_(getattr(layer, name)))

@@ -34,9 +34,8 @@ class InfiniModel:
     tokenizer: object
     fingerprint: dict
     stop_ids: tuple[int, ...]
-    # ingest's latest CUDA graph (ingest.BlockGraph), kept for the next document
-    block_graph: object | None = field(default=None, repr=False, compare=False)
-    first_block_graph: object | None = field(default=None, repr=False, compare=False)  # of a document's first block
+    # ingest's CUDA graphs (ingest.KeptGraphs), kept for later documents
+    ingest_graphs: object | None = field(default=None, repr=False, compare=False)
     # answers' CUDA graphs (prompt_graph.PromptGraphs); False where they do not apply
     prompt_graphs: object | None = field(default=None, repr=False, compare=False)
     _side_stream: object | None = field(default=None, repr=False, compare=False)

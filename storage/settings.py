@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     checkpoint_every: int = Field(
         64, ge=1, description="Segments read between two checkpoints of a document's memory."
     )
+    checkpoint_interval_s: float = Field(
+        30.0, ge=0, description="Least seconds of reading between two checkpoints (a GPU reads "
+        "64 segments in tens of milliseconds: a checkpoint after each would cost more than the reading).",
+    )
     heartbeat_s: float = Field(
         10.0, gt=0, description="Seconds between two heartbeats of a running job."
     )

@@ -102,12 +102,14 @@ class Context:
                                      adapter=s.adapter, device=self.device)
             log.info("model %s loaded on %s in %.1f s", s.model, self._model.device, time.perf_counter() - started)
             if self._model.device.type == "cuda":
+                from infini_core.ingest import capture_ingest_graphs
                 from infini_core.prompt_graph import capture_prompt_graphs
 
-                started = time.perf_counter()
-                captured = capture_prompt_graphs(self._model)
-                log.info("answer CUDA graphs %s in %.1f s", "captured" if captured else "not used",
-                         time.perf_counter() - started)
+                for what, capture in (("ingest", capture_ingest_graphs), ("answer", capture_prompt_graphs)):
+                    started = time.perf_counter()
+                    captured = capture(self._model)
+                    log.info("%s CUDA graphs %s in %.1f s", what, "captured" if captured else "not used",
+                             time.perf_counter() - started)
         return self._model
 
     def redis(self):

@@ -287,6 +287,20 @@ class ProgressWriter:
                           tokens_per_s=p.tokens_per_s, eta_s=p.eta_s)
 
 
+class CheckpointWriter:
+    """on_checkpoint for ingest: save_checkpoint, at most once every `checkpoint_interval_s`
+    of reading. A GPU reads `checkpoint_every` segments in milliseconds; a snapshot written
+    after each would cost more than the reading."""
+
+    def __init__(self, lease: Lease, document_id: int, fp: str):
+        self.lease, self.document_id, self.fp, self.last = lease, document_id, fp, time.monotonic()
+
+    def __call__(self, state: MemoryState) -> None:
+        if time.monotonic() - self.last >= self.lease.ctx.settings.checkpoint_interval_s:
+            save_checkpoint(self.lease, self.document_id, self.fp, state)
+            self.last = time.monotonic()
+
+
 def ingest_document(job_id: int, ctx: Context | None = None, task_id: str | None = None) -> str:
     """Read a document into its memory snapshot: parse, store segments and the retrieval
     index, stream through the model with checkpoints, resume from the latest one."""
@@ -339,7 +353,7 @@ def _ingest(lease: Lease) -> None:
     lease.update(progress=start / total, tokens_done=start)
     if start < total:
         state = ingest(model, reading.ids[start:], state, checkpoint_every=ctx.settings.checkpoint_every,
-                       on_checkpoint=lambda st: save_checkpoint(lease, doc_id, fp, st),
+                       on_checkpoint=CheckpointWriter(lease, doc_id, fp),
                        on_progress=ProgressWriter(lease, total, start))
 
     size, sha = save_state(ctx, f"{prefix}/final.safetensors", state)

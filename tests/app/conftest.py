@@ -29,7 +29,7 @@ WORDS = ("lighthouse keeper lamp storm harbour ship sailor rope anchor tide gull
 
 def settings_for(data_dir: Path, model_dir, **overrides) -> Settings:
     fields = dict(data_dir=data_dir, database_url=f"sqlite:///{data_dir / 'infini.sqlite'}", redis_url=None,
-                  model=str(model_dir), segment_len=SEGMENT_LEN, checkpoint_every=8, device="cpu",
+                  model=str(model_dir), segment_len=SEGMENT_LEN, checkpoint_every=8, checkpoint_interval_s=0, device="cpu",
                   heartbeat_s=0.5, answer_max_tokens=12, summary_max_tokens=8, summary_sections=2,
                   secret_key="test-secret", max_upload_mb=1)
     return Settings(**{**fields, **overrides})

@@ -124,13 +124,64 @@ def test_blocks_replayed_from_a_cuda_graph_read_as_eager_blocks_do(arch, compile
     # the checkpoints taken between replays are the states of the eager read at that point
     assert [c.tokens for c in seen] == list(range(64, 40 * 16 + 1, 64))
     assert_same_state(seen[-2], ingest(gpu, ids[:seen[-2].tokens], block_segments=2, cuda_graphs=False))
-    # a later document replays the kept graphs (its first block's and the others'), and the
-    # first document's state is its own (not the graphs' buffers, which the second overwrote)
+    # a later document replays the kept graph (its start, uncaptured in a one-off read, eager
+    # again), and the first document's state is its own (not the graph's buffers, which the
+    # second overwrote)
     replays.clear()
     second = ingest(gpu, ids[::-1], block_segments=2, cuda_graphs=True)
-    assert len(replays) == 20 and gpu.block_graph is not None and gpu.first_block_graph is not None
+    assert len(replays) == 19 and len(gpu.ingest_graphs.graphs) == 1
     assert_same_state(second, ingest(gpu, ids[::-1], block_segments=2, cuda_graphs=False))
     assert_same_state(graphed, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device)")
+def test_documents_of_any_length_read_through_kept_graphs_as_eager_reads_do(tmp_path, monkeypatch):
+    """A worker captures every block length before its first document (the start, blocks,
+    and an end's powers of two and 3); all of them read and write one set of buffers, so
+    a document goes from one graph to the next as an eager read goes on. A one-off read
+    captures only lengths that pay within it."""
+    from infini_core.ingest import BlockGraph, capture_ingest_graphs
+
+    replays = []
+    replay = BlockGraph.replay
+    monkeypatch.setattr(BlockGraph, "replay", lambda self, ids, layers: replays.append(self.segments) or replay(self, ids, layers))
+    gpu = load_model(save_tiny_checkpoint(tmp_path), infini=InfiniConfig(segment_len=16, gate_init=0.0),
+                     device="cuda", dtype=torch.float32)
+    doc = lambda segments, seed: torch.randint(0, 100, (segments * 16 + 5,), generator=torch.Generator().manual_seed(seed)).tolist()
+    eager = lambda ids: ingest(gpu, ids, block_segments=8, cuda_graphs=False)
+    first = doc(2 + 8 + 7, 0)  # the start, a block, and 7 = 3 + 4
+    assert_same_state(ingest(gpu, first, block_segments=8), eager(first))
+    assert gpu.ingest_graphs is None  # (no length had 3 more blocks after it: all eager)
+    assert capture_ingest_graphs(gpu, block_segments=8) and len(gpu.ingest_graphs.graphs) == 5  # 2 (start), 8, 4, 3, 2
+    assert len({id(g.buffers) for g in gpu.ingest_graphs.graphs.values()}) == 1
+    replays.clear()
+    assert_same_state(ingest(gpu, first, block_segments=8), eager(first))
+    assert replays == [2, 8, 3, 4]
+    replays.clear()
+    second = doc(2 + 8 + 8 + 6, 1)  # 6 = 4 + 2
+    assert_same_state(ingest(gpu, second, block_segments=8), eager(second))
+    assert replays == [2, 8, 8, 4, 2] and len(gpu.ingest_graphs.graphs) == 5
+
+
+@pytest.mark.parametrize("block", [8, 64, 10])
+def test_a_document_reads_through_few_graph_lengths(block):
+    """Every count of whole segments splits into the start, full blocks and at most one
+    block of each power of two (and a 3) at the end: a few lengths to keep graphs of."""
+    from infini_core.ingest import graph_block
+
+    for total in range(0, 300):
+        left, pieces = total, []
+        while take := graph_block(left, block, 0 if pieces else 2, final=True):
+            pieces.append(take)
+            left -= take
+        assert left == 0 and sum(pieces) == total
+        if total >= 2:
+            assert pieces[0] == 2
+        tail = [p for p in pieces[1:] if p != block] if total >= 2 else []
+        assert all(p == 3 or p & (p - 1) == 0 for p in tail) and len(tail) == len(set(tail))
+        assert 1 not in tail or tail == [1]  # (a single segment left reads eagerly)
+        # waiting for more text: nothing but the start and whole blocks
+        assert graph_block(total, block, 0, final=False) in (0, block)
 
 
 def test_the_next_token_logits_are_the_last_row_of_all_the_logits(model):

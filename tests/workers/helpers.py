@@ -29,6 +29,7 @@ def settings_fields(data_dir: Path, model_dir, **overrides) -> dict:
         "model": str(model_dir),
         "segment_len": SEGMENT_LEN,
         "checkpoint_every": CHECKPOINT_EVERY,
+        "checkpoint_interval_s": 0,
         "device": "cpu",
         "heartbeat_s": 0.5,
         "stale_after_s": 30,

@@ -144,6 +144,22 @@ class Crash(BaseException):
     """What a dead worker looks like from inside: nothing after it runs."""
 
 
+def test_checkpoints_wait_for_their_interval_of_reading(embedded, monkeypatch):
+    """Where a block of segments reads in milliseconds (a GPU), a checkpoint after each
+    would cost more than the reading: none comes before checkpoint_interval_s of reading."""
+    ctx = embedded
+    saved = []
+    monkeypatch.setattr(service, "save_checkpoint", lambda lease, document_id, fp, state: saved.append(state.tokens))
+    doc_id = add_document(ctx, book(chars=1200))
+    for interval, doc in ((3600.0, doc_id), (0.0, add_document(ctx, book(seed=1, chars=1200)))):
+        monkeypatch.setattr(ctx.settings, "checkpoint_interval_s", interval)
+        saved.clear()
+        assert service.ingest_document(add_job(ctx, JobKind.ingest, doc), ctx, task_id="task-1") == "done"
+        assert bool(saved) == (interval == 0)  # (with no interval: one every checkpoint_every segments)
+    with ctx.session() as s:
+        assert s.get(Document, doc_id).status == DocumentStatus.ready
+
+
 def test_redelivered_ingest_resumes_from_the_last_checkpoint(embedded, monkeypatch):
     ctx = embedded
     doc_id = add_document(ctx, book(chars=1200))
