@@ -8,7 +8,7 @@ depend on the weights. Paths, each in one run on the same GPU:
   naive   ours, one segment per forward, memory through naive.py
   chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
   graph   chunk, as `ingest` reads on CUDA in a process that keeps no graphs (a one-off
-          read): a graph is captured for blocks that 3 more of the same length follow
+          read): a graph is captured for blocks that 2 more of the same length follow
           (kernels compiled before: memory step, norms and MLP), the rest read eagerly
   graph-reused  graph as a worker reads: every block length's graph captured when it
           started (its first two segments, blocks, an end's powers of two and 3) and

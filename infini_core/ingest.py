@@ -237,7 +237,7 @@ class BlockGraph:
     memory still empty, the sinks being kept: a path of their own, captured from an empty
     state), then blocks of `block_segments`, then its end in powers of two and a 3. A
     worker captures them all when it starts (`capture_ingest_graphs`); a one-off read
-    captures only lengths that 3 more blocks of follow, and reads the rest eagerly. All of
+    captures only lengths that 2 more blocks of follow, and reads the rest eagerly. All of
     a model's graphs read and write one set of state buffers per layout (`KeptGraphs`), so
     a document moves from one to the next without copies, and they share one memory pool:
     none keeps a tensor of the pool alive, so the pool is as large as the largest block
@@ -273,8 +273,8 @@ class BlockGraph:
         if first or (len(ids) >= 2 * n and cls.steady(model, state)):
             graph = kept and kept.graphs.get(cls.key_for(len(ids), first, () if first else layout_of(layers)))
             # compiling and capturing a length costs more than a short document's eager read:
-            # only for a worker (it reads many) or where 3 more blocks of it follow
-            if graph is None and (kept and kept.capture_all or not first and (left is None or left >= 3 * len(ids))):
+            # only for a worker (it reads many) or where 2 more blocks of it follow (replays)
+            if graph is None and ((kept and kept.capture_all) or (not first and (left is None or left >= 3 * len(ids)))):
                 kept = model.ingest_graphs = kept or KeptGraphs()
                 return cls.capture(model, kept, layers, ids, first) is not None
         if graph is not None:
