@@ -308,7 +308,7 @@ class BlockGraph:
         compiled, decoder = True, model.lm if cls.compile_decoder else None
         with torch.cuda.stream(side):
             try:
-                with compiled_blocks(decoder) if compiled else contextlib.nullcontext():
+                with compiled_blocks(decoder):
                     forward(model.lm, block, layers, logits=False)
             except Exception as error:  # no working compiler here: the same graph, uncompiled
                 log.warning("torch.compile failed (%s); reading with uncompiled CUDA graphs", error)
