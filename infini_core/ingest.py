@@ -122,7 +122,6 @@ def ingest(
         total_tokens = sum(map(len, pieces))
 
     done, started = 0, time.perf_counter()
-    first_segments = model.config.memory_lag + 1  # (then every memory layer takes the whole-segment path)
 
     def report() -> None:
         if on_progress:
@@ -150,7 +149,7 @@ def ingest(
         a worker's graphs (`capture_ingest_graphs`), else blocks and the rest in one piece."""
         segments = len(buffer) // n
         if cuda_graphs and model.ingest_graphs is not None and model.ingest_graphs.capture_all:
-            return graph_block(segments, block_segments, first_segments if state.tokens == 0 else 0, final)
+            return graph_block(segments, block_segments, start_segments(model) if state.tokens == 0 else 0, final)
         return block_segments if segments >= block_segments else segments if final else 0
 
     buffer, state.pending = state.pending, []
@@ -177,6 +176,17 @@ def ingest(
     return state
 
 
+def start_segments(model: InfiniModel) -> int:
+    """A document's first segments, which take paths of their own (the memory still empty,
+    the sinks being kept); after them every memory layer takes the whole-segment path."""
+    return model.config.memory_lag + 1
+
+
+def graph_lengths(block_segments: int) -> list[int]:
+    """Every length in segments `graph_block` gives past a document's start."""
+    return sorted({graph_block(s, block_segments, 0, final=True) for s in range(2, block_segments + 1)})
+
+
 def graph_block(segments: int, block_segments: int, first_segments: int, final: bool) -> int:
     """How many of `segments` buffered whole segments to read next through a CUDA graph, so
     that every document, however long, reads through a few graphs kept for all documents:
@@ -201,13 +211,12 @@ def capture_ingest_graphs(model: InfiniModel, block_segments: int | None = None)
     one for each block length `graph_block` gives. False where ingest reads eagerly."""
     if model.device.type != "cuda":
         return False
-    n, first = model.config.segment_len, model.config.memory_lag + 1
+    n, first = model.config.segment_len, start_segments(model)
     block_segments = block_segments or BLOCK_SEGMENTS["cuda"]
-    sizes = {block_segments, 3} | {1 << k for k in range(1, block_segments.bit_length()) if 1 << k < block_segments}
     model.ingest_graphs = model.ingest_graphs or KeptGraphs()
     model.ingest_graphs.capture_all = True
     made_up, vocab = torch.Generator().manual_seed(0), model.lm.get_input_embeddings().num_embeddings
-    for size in sorted(sizes):
+    for size in graph_lengths(block_segments):
         ingest(model, torch.randint(0, vocab, ((first + size) * n,), generator=made_up), block_segments=block_segments)
     return len(model.ingest_graphs.graphs) > 0
 
@@ -266,7 +275,7 @@ class BlockGraph:
         first) where it pays, or eagerly. False once the state's shapes change from block to
         block (read the rest of the document eagerly)."""
         layers, n = state.layers, model.config.segment_len
-        first = len(ids) == (model.config.memory_lag + 1) * n and state.tokens == 0 and all(
+        first = len(ids) == start_segments(model) * n and state.tokens == 0 and all(
             layer.segments == 0 and layer.win_k is None for layer in layers)
         kept = model.ingest_graphs
         graph = None
@@ -299,14 +308,12 @@ class BlockGraph:
         compiled (`compiled_blocks`): with `first` (`layers` of a new document), a first
         block's from an empty state. Returns None, having read `ids`, if the state's shapes
         would change from block to block."""
-        side = model.side_stream()
-        side.wait_stream(torch.cuda.current_stream())
         block = torch.tensor([ids], device=model.device)
         for layer in layers:  # the warm-up sees the layout the capture will: compiled code is specialised to it
             layer.own_tensors()
         before = [replace(l) for l in layers]
         compiled, decoder = True, model.lm if cls.compile_decoder else None
-        with torch.cuda.stream(side):
+        with model.warming_up():
             try:
                 with compiled_blocks(decoder):
                     forward(model.lm, block, layers, logits=False)
@@ -315,7 +322,6 @@ class BlockGraph:
                 layers[:] = before  # (what the failed forward replaced, put back)
                 forward(model.lm, block, layers, logits=False)
                 compiled = False
-        torch.cuda.current_stream().wait_stream(side)
         # the graph reads (a later block) the state's tensors, which become the buffers of
         # their layout; a first block's graph only writes them
         for layer in layers:

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,13 +41,22 @@ class InfiniModel:
     prompt_graphs: object | None = field(default=None, repr=False, compare=False)
     _side_stream: object | None = field(default=None, repr=False, compare=False)
 
-    def side_stream(self) -> torch.cuda.Stream:
-        """The one stream every CUDA graph of this model warms up on before its capture.
-        cuBLAS keeps workspaces for each stream it has run on, allocated for the process's
-        life: a new stream per capture left hundreds of MiB behind."""
+    @contextmanager
+    def warming_up(self):
+        """Inside, work runs on the side stream a capture's warm-up needs, after what the
+        current stream has queued, and the current stream then waits for it. One stream for
+        every CUDA graph of this model: cuBLAS keeps workspaces for each stream it has run
+        on, allocated for the process's life, and a new stream per capture left hundreds of
+        MiB behind."""
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)
-        return self._side_stream
+        side = self._side_stream
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
 
     @property
     def config(self) -> InfiniConfig:

@@ -195,11 +195,8 @@ class _Captured:
         self.graph = None
         if graphs.cuda_graphs:
             with torch.cuda.device(device), torch.no_grad():
-                side = graphs.model.side_stream()  # a warm-up first, on a side stream, as capture needs
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                with graphs.model.warming_up():  # (a warm-up first, as capture needs)
                     graphs.forward(self)
-                torch.cuda.current_stream().wait_stream(side)
                 self.graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(self.graph):
                     self.logits = graphs.forward(self)

@@ -167,8 +167,9 @@ def test_documents_of_any_length_read_through_kept_graphs_as_eager_reads_do(tmp_
 def test_a_document_reads_through_few_graph_lengths(block):
     """Every count of whole segments splits into the start, full blocks and at most one
     block of each power of two (and a 3) at the end: a few lengths to keep graphs of."""
-    from infini_core.ingest import graph_block
+    from infini_core.ingest import graph_block, graph_lengths
 
+    kept = graph_lengths(block)  # (what a worker captures when it starts)
     for total in range(0, 300):
         left, pieces = total, []
         while take := graph_block(left, block, 0 if pieces else 2, final=True):
@@ -180,6 +181,7 @@ def test_a_document_reads_through_few_graph_lengths(block):
         tail = [p for p in pieces[1:] if p != block] if total >= 2 else []
         assert all(p == 3 or p & (p - 1) == 0 for p in tail) and len(tail) == len(set(tail))
         assert 1 not in tail or tail == [1]  # (a single segment left reads eagerly)
+        assert set(pieces[1:]) - {1} <= set(kept)
         # waiting for more text: nothing but the start and whole blocks
         assert graph_block(total, block, 0, final=False) in (0, block)
 
