@@ -9,12 +9,13 @@ depend on the weights. Paths, each in one run on the same GPU:
   chunk   ours, layer-parallel blocks of many segments, memory through chunk.py
   graph   chunk, as `ingest` reads on CUDA in a process that keeps no graphs (a one-off
           read): a graph is captured for blocks that 2 more of the same length follow
-          (kernels compiled before: memory step, norms and MLP), the rest read eagerly
+          (kernels compiled before: memory layers' blocks, the decoder layers around them),
+          the rest read eagerly
   graph-reused  graph as a worker reads: every block length's graph captured when it
           started (its first two segments, blocks, an end's powers of two and 3) and
           replayed. Its peak counts the graphs' memory pool, which stays reserved between
           documents (other rows: memory allocated)
-  graph-attn  graph with only the memory step compiled (the fourth session's graph)
+  graph-attn  graph with only the memory layers' blocks compiled
   graph-ieee  graph with the memory's fp32 matmuls in IEEE fp32, not TF32 (before the ninth session)
   fused   graph, with the memory through the Triton kernels
 Writes OUT/ingest.jsonl (one JSON object per measurement), OUT/ingest.md (table) and
@@ -71,7 +72,7 @@ def hf_prefill(base, ids):
         return base.model(input_ids=ids[None], use_cache=False).last_hidden_state
 
 
-# path -> (memory op, CUDA graphs, decoder's norms and MLP compiled in the graph, TF32 memory matmuls)
+# path -> (memory op, CUDA graphs, decoder layers compiled around their attention, TF32 memory matmuls)
 IMPLS = {"naive": ("naive", False, False, True), "chunk": ("chunk", False, False, True),
          "graph": ("chunk", True, True, True), "graph-reused": ("chunk", True, True, True),
          "graph-attn": ("chunk", True, False, True), "graph-ieee": ("chunk", True, True, False),

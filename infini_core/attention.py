@@ -188,6 +188,8 @@ class InfiniAttention(nn.Module):
         if isinstance(self.state, PaddedSegment):
             return self.o_proj(self._padded_piece(self.state, hidden_states).transpose(1, 2).flatten(2)), None
         state = self.state if self.state is not None else replace(self.start) if self.start is not None else LayerState()
+        if self._reads_whole_block(state, hidden_states):
+            return self._block(state, hidden_states), None
         q, k, v, mq, mk = self._project(hidden_states)
         state.init(k, v, self.has_memory, self.config.memory_lag)
         if self.has_memory:
@@ -287,24 +289,48 @@ class InfiniAttention(nn.Module):
     def _write(self, M, z, mk, v):
         return memory_update(M, z, feature_map(mk), v, self.config.rule)
 
+    def _reads_whole_block(self, state: LayerState, x: torch.Tensor) -> bool:
+        """Whether the input `x` is two or more whole segments from a segment boundary past
+        the document's start (the blocks of a long read): `_block` takes it."""
+        n, t = self.config.segment_len, x.shape[1]
+        return (self.has_memory and state.seg_k is not None and state.segment_tokens == 0
+                and state.segments > self.config.memory_lag and t >= 2 * n and t % n == 0)
+
+    def _block(self, state: LayerState, x: torch.Tensor) -> torch.Tensor:
+        """A block of whole segments, from the layer's input to its output (`attend_block`)."""
+        spec, cos, sin = self._block_spec(state, x)
+        run = _block_version(attend_block, spec)
+        out, keys, values, memory = run(self, spec, x, cos, sin, *self._block_state(state))
+        self._after_block(state, x.shape[1], keys, values, memory)
+        return out
+
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         """S whole segments starting at a segment boundary, each attending to itself (and
         its predecessor with xl_window) as one batch, the memory through the dispatch op."""
-        cfg, n = self.config, self.config.segment_len
-        window = state.sink_k.shape[2] + (2 if cfg.xl_window else 1) * n
-        cos, sin = self._rope.get(window, q, self.layer_type)
-        spec = BlockSpec(n, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling, self.n_kv_heads,
-                         chosen_impl())
-        # compiled (fused elementwise kernels) only inside `compiled_blocks`: a new shape
-        # costs a compilation, so only the fixed-size blocks of a long read take that path
-        run = _compiled_version(whole_segments) if _compiling_blocks and spec.impl == "chunk" else whole_segments
-        out, (state.M, state.z, state.M_next, state.z_next) = run(
-            spec, self.memory_gate, cos, sin, q, k, v, mq, mk, state.sink_k, state.sink_v, state.win_k,
-            state.win_v, state.M, state.z, state.M_next, state.z_next)
-        state.segments += q.shape[2] // n
-        if cfg.xl_window:
-            state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
+        spec, cos, sin = self._block_spec(state, q)
+        out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk,
+                                                           *self._block_state(state))
+        self._after_block(state, q.shape[2], k, v, memory)
         return out
+
+    def _block_spec(self, state: LayerState, like: torch.Tensor):
+        cfg = self.config
+        window = state.sink_k.shape[2] + (2 if cfg.xl_window else 1) * cfg.segment_len
+        spec = BlockSpec(cfg.segment_len, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling,
+                         self.n_kv_heads, chosen_impl())
+        return spec, *self._rope.get(window, like, self.layer_type)
+
+    @staticmethod
+    def _block_state(state: LayerState) -> tuple:
+        return (state.sink_k, state.sink_v, state.win_k, state.win_v, state.M, state.z, state.M_next, state.z_next)
+
+    def _after_block(self, state: LayerState, tokens: int, k, v, memory) -> None:
+        """The state after a block: its memory, and its last segment as the window."""
+        n = self.config.segment_len
+        state.M, state.z, state.M_next, state.z_next = memory
+        state.segments += tokens // n
+        if self.config.xl_window:
+            state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
 
 
 @dataclass(frozen=True)
@@ -383,6 +409,18 @@ def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sin
     return gate_mix(local, mem, gate), (M, z, M_next, z_next)
 
 
+def attend_block(attn: InfiniAttention, spec: BlockSpec, x, cos, sin, *state: torch.Tensor):
+    """A memory layer's attention over a block of whole segments (x: [B, S*N, hidden], past
+    the start): projections, `whole_segments` and o_proj in one function, so that compiled
+    the elementwise work between the matmuls (the memory's low-rank Q/K added, its
+    sharpness, the heads' layouts) fuses into few kernels. Returns the output, the block's
+    last segment of keys and values (the next window), and the memory after it."""
+    q, k, v, mq, mk = attn._project(x)
+    out, memory = whole_segments(spec, attn.memory_gate, cos, sin, q, k, v, mq, mk, *state)
+    n = spec.segment_len
+    return attn.o_proj(out.transpose(1, 2).flatten(2)), k[:, :, -n:], v[:, :, -n:], memory
+
+
 def read_memory(mq, M, z, kv_heads: int) -> torch.Tensor:
     """What memory queries mq [B, Hq, T, D] read from (M, z) of the KV heads."""
     sq = group_queries(feature_map(mq), kv_heads)
@@ -426,6 +464,13 @@ _compiling_blocks = False  # inside compiled_blocks
 _compiled_steps: dict = {}  # function -> its compiled version, shared by all layers
 
 
+def _block_version(fn, spec: BlockSpec):
+    """`fn` compiled (fused elementwise kernels) inside `compiled_blocks`, else as it is: a
+    new shape costs a compilation, so only the fixed-size blocks of a long read take that
+    path (and the Triton memory op runs as it is)."""
+    return _compiled_version(fn) if _compiling_blocks and spec.impl == "chunk" else fn
+
+
 def _compiled_version(fn):
     compiled = _compiled_steps.get(fn)
     if compiled is None:
@@ -440,23 +485,26 @@ def _compiled_version(fn):
 @contextmanager
 def compiled_blocks(model: nn.Module | None = None):
     """Inside, the whole-segment path of memory layers runs through torch.compile (fused
-    kernels instead of dozens of small elementwise ones), and so do the other modules of
-    `model`'s decoder layers (norms, MLP: Hugging Face's RMSNorm alone is eight operations).
+    kernels instead of dozens of small elementwise ones), and so does the rest of `model`'s
+    decoder layers around their attention (norms, MLP, residual adds: Hugging Face's RMSNorm
+    alone is eight operations, and an add fuses into the norm after it). The attention
+    itself runs as it is (its state is Python objects), compiling its block on its own.
     The first call of each new shape compiles (seconds to a minute)."""
     global _compiling_blocks
     before, _compiling_blocks = _compiling_blocks, True
     swapped = []
     try:
         for layer in model.base_model.layers if model is not None else ():
-            for child in layer.children():
-                if isinstance(child, InfiniAttention) or not any(True for _ in child.parameters()):
-                    continue
-                swapped.append((child, child.__dict__.get("forward")))
-                child.forward = partial(_compiled_version(type(child).forward), child)
+            attn = next(m for m in layer.children() if isinstance(m, InfiniAttention))
+            # (a graph break: the compiled layer calls it as plain Python)
+            for module, forward in ((attn, torch.compiler.disable(partial(type(attn).forward, attn))),
+                                    (layer, partial(_compiled_version(type(layer).forward), layer))):
+                swapped.append((module, module.__dict__.get("forward")))
+                module.forward = forward
         yield
     finally:
         _compiling_blocks = before
-        for child, own in swapped:
-            del child.forward
+        for module, own in swapped:
+            del module.forward
             if own is not None:
-                child.forward = own
+                module.forward = own

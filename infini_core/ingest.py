@@ -252,7 +252,8 @@ class BlockGraph:
     none keeps a tensor of the pool alive, so the pool is as large as the largest block
     needs, not the sum."""
 
-    # the decoder layers' norms and MLP compiled too, not only the memory layers' step
+    # the decoder layers compiled around their attention too (norms, MLP, residual adds), not
+    # only the memory layers' blocks
     # (False: the fourth session's graph, which bench/ingest.py measures beside it)
     compile_decoder = True
 

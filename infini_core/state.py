@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -209,8 +211,8 @@ class MemoryState:
         meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "tokens": str(self.tokens),
                 "layers": str(len(self.layers)), "lengths": json.dumps(lengths, sort_keys=True),
                 "dtype": str(window_dtype).removeprefix("torch."),
-                "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
-        meta["sha256"] = _checksum(tensors, meta)
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True), "checksum": PER_LAYER}
+        meta["sha256"] = _checksum(_tensor_parts(tensors), meta)
         tmp = f"{path}.tmp"
         with open(tmp, "wb") as f:  # write-then-rename: a crash never leaves half a snapshot
             f.write(save(tensors, metadata=meta))
@@ -223,7 +225,7 @@ class MemoryState:
     def load(cls, path, fingerprint: dict | None = None, device=None, dtype=None) -> "MemoryState":
         """Read and verify a state; with `fingerprint`, also refuse one made for another model.
         `dtype` is the model's: the windows follow it, M and z stay fp32."""
-        meta, tensors = read_state_file(path)
+        meta, tensors = read_state_file(path, device)
         lengths = json.loads(meta["lengths"])
         pending = tensors.pop("pending")[0, 0, :lengths["pending"], 0].tolist()
         layers = [LayerState() for _ in range(int(meta["layers"]))]
@@ -233,7 +235,7 @@ class MemoryState:
                 value = value[:, :, :lengths[key]]
             if dtype is not None and name not in MEMORY_FIELDS:
                 value = value.to(dtype)
-            setattr(layers[int(i)], name, value.to(device) if device is not None else value)
+            setattr(layers[int(i)], name, value)
         state = cls(layers, json.loads(meta["fingerprint"]), int(meta["tokens"]), pending)
         for layer in layers:  # a snapshot sits on a segment boundary: all it ran is written
             layer.segments = (state.tokens - len(pending)) // state.segment_len
@@ -242,20 +244,26 @@ class MemoryState:
         return state
 
 
-def read_state_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata and tensors of a state file, verified: format, version and checksum."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+# safetensors' names of the dtypes a state holds
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
 
+
+def read_state_file(path, device=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata and tensors of a state file, verified: format, version and checksum. The
+    tensors are views of one buffer (the file as read, or with `device` its one copy there):
+    a state is a few hundred small tensors, and copying each on its own took longer than
+    answering a question from them (time to the first token is counted from the file)."""
     name = os.path.basename(str(path))
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            data = bytearray(os.fstat(f.fileno()).st_size)  # (writable: tensors view it)
+            f.readinto(data)
     except FileNotFoundError:
         raise StateFormatError(f"{name}: no such snapshot file") from None
     try:
         header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        header = json.loads(data[8:8 + header_len])
+        meta = header.pop("__metadata__", None) or {}
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise StateFormatError(f"{name} is not a memory snapshot") from None
     if meta.get("format") != FORMAT:
@@ -263,24 +271,89 @@ def read_state_file(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("version") != str(FORMAT_VERSION):
         raise StateFormatError(f"{name} has snapshot format version {meta.get('version')}; "
                                f"this version of infini-docqa reads version {FORMAT_VERSION}")
+    start = 8 + header_len  # (safetensors aligns it to 8 bytes)
     try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError):
+        layout = _layout(header, len(data) - start)
+    except (KeyError, TypeError, ValueError):
         raise CorruptStateError(f"{name} is truncated or damaged") from None
+    body = memoryview(data)[start:]
     expected = meta.pop("sha256", None)
-    if expected != _checksum(tensors, meta):
+    if expected != _checksum({key: (f"{key}:{dtype}:{tuple(shape)}", body[begin:end])
+                              for key, (dtype, shape, begin, end) in layout.items()}, meta):
         raise CorruptStateError(f"{name} is damaged: its checksum does not match its contents")
     meta["sha256"] = expected
-    return meta, tensors
+    blob = torch.frombuffer(data, dtype=torch.uint8)
+    blob = blob.to(device) if device is not None else blob
+    try:
+        return meta, {key: blob[start + begin:start + end].view(dtype).view(shape) if end > begin
+                      else torch.zeros(shape, dtype=dtype, device=blob.device)
+                      for key, (dtype, shape, begin, end) in layout.items()}
+    except RuntimeError:  # (bytes not aligned to their dtype)
+        raise CorruptStateError(f"{name} is truncated or damaged") from None
 
 
-def _checksum(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+def _layout(header: dict, size: int) -> dict[str, tuple]:
+    """key -> (dtype, shape, first byte, end) of each tensor a safetensors header lays out in
+    the `size` bytes after it; ValueError where they do not fit."""
+    layout = {}
+    for key, entry in header.items():
+        dtype, shape = DTYPES[entry["dtype"]], [int(x) for x in entry["shape"]]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        if end - begin != dtype.itemsize * math.prod(shape) or not 0 <= begin <= end <= size:
+            raise ValueError(f"{key}: its bytes lie outside the file")
+        layout[key] = dtype, shape, begin, end
+    return layout
+
+
+# meta["checksum"]: meta["sha256"] is the sha256 of the metadata and of one sha256 per layer
+# (and one of the pending tokens), which hash in parallel. Files written before it (no
+# "checksum" in their metadata) hold one sha256 over all tensors.
+PER_LAYER = "sha256-per-layer"
+
+
+def _checksum(parts: dict[str, tuple[str, object]], meta: dict) -> str:
+    """The checksum, as meta["checksum"] says, of a state file's metadata and tensors (key ->
+    (its "key:dtype:shape", its bytes)). Per layer because sha256 reads ~1 GB/s: hashing a
+    14 MiB state in one stream was most of the time to load one from disk
+    (docs/benchmarks.md, eleventh session)."""
     h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
-    for key in sorted(tensors):
-        t = tensors[key]
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy())  # (the buffer itself, not a copy)
+    if meta.get("checksum") != PER_LAYER:
+        _hash_parts(h, parts, sorted(parts))
+        return h.hexdigest()
+    groups: dict[str, list[str]] = {}  # "layers.3" (or "pending") -> its tensors' keys
+    for key in sorted(parts):
+        groups.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    digests = _hash_threads().map(lambda keys: _hash_parts(hashlib.sha256(), parts, keys).digest(), groups.values())
+    for group, digest in zip(groups, digests):
+        h.update(group.encode())
+        h.update(digest)
     return h.hexdigest()
+
+
+def _tensor_parts(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, object]]:
+    """What `_checksum` hashes of tensors held in CPU memory (the buffers themselves, not copies)."""
+    return {key: (f"{key}:{t.dtype}:{tuple(t.shape)}", t.contiguous().view(torch.uint8).numpy())
+            for key, t in tensors.items()}
+
+
+def _hash_parts(h, parts: dict[str, tuple[str, object]], keys: list[str]):
+    for key in keys:
+        described, data = parts[key]
+        h.update(described.encode())
+        h.update(data)
+    return h
+
+
+_threads: tuple[int, ThreadPoolExecutor] | None = None  # (the process it belongs to, the pool)
+
+
+def _hash_threads() -> ThreadPoolExecutor:
+    """Threads for hashing (hashlib lets go of the GIL), made again in a forked process (a
+    Celery worker child), where the parent's threads do not exist."""
+    global _threads
+    if _threads is None or _threads[0] != os.getpid():
+        _threads = os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="state-checksum")
+    return _threads[1]
 
 
 def _short(value) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .naive import EPS, MemoryTensors, empty_memory, feature_map, memory_read
+from .naive import EPS, MemoryTensors, dot_z, empty_memory, feature_map, memory_read
 
 
 def chunk_infini_memory(
@@ -45,7 +45,7 @@ def chunk_infini_memory(
     if rule == "linear":
         M_after = M0.unsqueeze(2) + writes.cumsum(2)
     elif rule == "delta":
-        den = sk @ z_before.unsqueeze(-1)  # [b, h, s, n, 1]
+        den = dot_z(sk, z_before)  # [b, h, s, n, 1]
         # an empty memory reads 0 (0 / EPS in naive.py): such rows write their V whole
         inv = torch.where(den > 0, 1.0 / den.clamp_min(EPS), torch.zeros_like(den))
         eye = torch.eye(dk, dtype=sk.dtype, device=sk.device)

@@ -51,9 +51,14 @@ def group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 def memory_read(sq: torch.Tensor, M: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """sigma(Q) M / sigma(Q) z for features sq [..., T, Dk] against M [..., Dk, Dv], z [..., Dk]."""
-    num = sq @ M
-    den = sq @ z.unsqueeze(-1)
-    return num / den.clamp_min(EPS)
+    return (sq @ M) / dot_z(sq, z).clamp_min(EPS)
+
+
+def dot_z(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """s z for features s [..., T, Dk] and z [..., Dk]: [..., T, 1]. A product and a sum, not a
+    matrix-vector product: compiled, it fuses into the kernel that makes the features (a
+    GEMV is a kernel of its own, which reads them all again)."""
+    return (s * z.unsqueeze(-2)).sum(-1, keepdim=True)
 
 
 def memory_update(M: torch.Tensor, z: torch.Tensor, sk: torch.Tensor, v: torch.Tensor, rule: str) -> MemoryTensors:

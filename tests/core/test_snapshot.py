@@ -72,9 +72,10 @@ def test_a_read_leaves_a_state_with_tensors_of_its_own(model):
 
 @pytest.mark.slow
 def test_compiled_blocks_read_as_eager_blocks_do(model):
-    """torch.compile of the whole-segment path and of the decoder layers' norms and MLP (what
-    CUDA-graphed blocks run), here through inductor's CPU backend: the first block eager,
-    then blocks of one shape compiled, one compiled forward serving every layer."""
+    """torch.compile of the memory layers' blocks (projections to output) and of the decoder
+    layers around their attention (norms, MLP, residual adds): what CUDA-graphed blocks run,
+    here through inductor's CPU backend. The first block eager, then blocks of one shape
+    compiled, one compiled version serving every layer."""
     from torch._dynamo.utils import counters
 
     from infini_core.attention import compiled_blocks
@@ -85,10 +86,10 @@ def test_compiled_blocks_read_as_eager_blocks_do(model):
     layer = model.lm.base_model.layers[0]
     counters.clear()
     with compiled_blocks(model.lm):
-        assert "forward" in vars(layer.mlp)
+        assert "forward" in vars(layer)
         compiled = ingest(model, ids[32:], start.clone(), block_segments=8)
-    assert "forward" not in vars(layer.mlp)  # eager again outside
-    # the memory step, the MLP and the two norms' input shapes: not once per layer
+    assert "forward" not in vars(layer) and "forward" not in vars(layer.self_attn)  # eager again outside
+    # the block, the layer before and after its attention: not once per layer
     assert counters["stats"]["unique_graphs"] <= 4 < len(model.lm.base_model.layers) * 3
     assert_same_state(compiled, eager)
     torch.testing.assert_close(next_logits(model, compiled), next_logits(model, eager), atol=1e-5, rtol=0)
@@ -260,6 +261,46 @@ def test_peak_memory_of_ingest_does_not_grow_with_length(checkpoint):
     assert growth[131_072] < 8 + 2 * growth[16_384], growth
 
 
+def test_state_checksum_per_layer_and_files_from_before_it(model, tmp_path):
+    """A state file's checksum is the sha256 of its metadata and of one sha256 per layer (and
+    one of the pending tokens), worked out here with hashlib alone. A file from before it,
+    with one sha256 over all tensors, still loads, and a changed byte in it is still caught."""
+    import hashlib
+
+    from safetensors.torch import load, save
+
+    state = ingest(model, TEXT)
+    digest = state.save(tmp_path / "new.infini")
+    raw = (tmp_path / "new.infini").read_bytes()
+    meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    tensors = load(raw)
+
+    def hashed(h, keys):
+        for key in sorted(keys):
+            t = tensors[key]
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+        return h
+
+    unsigned = {k: v for k, v in meta.items() if k != "sha256"}
+    expected = hashlib.sha256(json.dumps(unsigned, sort_keys=True).encode())
+    for group in sorted({key.rsplit(".", 1)[0] for key in tensors}):
+        expected.update(group.encode())
+        expected.update(hashed(hashlib.sha256(), [k for k in tensors if k.rsplit(".", 1)[0] == group]).digest())
+    assert meta["checksum"] == "sha256-per-layer" and digest == meta["sha256"] == expected.hexdigest()
+
+    before = {k: v for k, v in unsigned.items() if k != "checksum"}
+    flat = hashed(hashlib.sha256(json.dumps(before, sort_keys=True).encode()), tensors).hexdigest()
+    old = save(tensors, metadata={**before, "sha256": flat})
+    (tmp_path / "old.infini").write_bytes(old)
+    assert_same_state(MemoryState.load(tmp_path / "old.infini"), state)
+    altered = bytearray(old)
+    altered[-100] ^= 0x01
+    (tmp_path / "old-altered.infini").write_bytes(bytes(altered))
+    with pytest.raises(CorruptStateError, match="checksum"):
+        MemoryState.load(tmp_path / "old-altered.infini")
+
+
 def test_bad_states_raise_their_specific_errors(model, checkpoint, tmp_path):
     state = ingest(model, TEXT)
     good = tmp_path / "good.infini"
@@ -269,6 +310,14 @@ def test_bad_states_raise_their_specific_errors(model, checkpoint, tmp_path):
     (tmp_path / "trunc.infini").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptStateError, match="truncated or damaged"):
         MemoryState.load(tmp_path / "trunc.infini")
+
+    # a header that lays a tensor out wrongly: a dtype a state never holds, or the wrong bytes
+    for wrong in (data.replace(b'"dtype":"F32"', b'"dtype":"U32"', 1),
+                  data.replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1)):
+        assert wrong != data
+        (tmp_path / "header.infini").write_bytes(wrong)
+        with pytest.raises(CorruptStateError, match="truncated or damaged"):
+            MemoryState.load(tmp_path / "header.infini")
 
     altered = bytearray(data)
     altered[-100] ^= 0x01
