@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from infini_core import InfiniConfig
 from infini_core.eval.passkey import passkey_table, run_passkey
 from infini_core.eval.recall import run_recall
-from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, perplexity, stream_nll
+from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, gain_by_half, perplexity, stream_nll
 from infini_core.loading import DEFAULT_MODEL, checkpoint_dir, load_model
 
 
@@ -87,8 +87,8 @@ def main() -> None:
 
     md += ["Perplexity of held-out texts read in one stream (lower is better):", "",
            "| text | tokens | base, first 8K | segment-only | with memory | paper's formulation | "
-           "by position (segment-only -> memory) |",
-           "|---|---|---|---|---|---|---|"]
+           "memory's gain, first / second half | by position (segment-only -> memory) |",
+           "|---|---|---|---|---|---|---|---|"]
     short = [int(x) for x in args.short.split(",")] if args.short else []
     short_rows = {n: [] for n in short}
     for path in texts:
@@ -102,12 +102,17 @@ def main() -> None:
             mem = stream_nll(trained, ids)
             row.update(memory=perplexity(mem), memory_first_8k=perplexity(mem[:8191]),
                        memory_buckets=bucketed_perplexity(mem, args.bucket))
+            if len(row["memory_buckets"]) > 2:  # (the #10 target: a gap that grows with position)
+                row["gain_first_half"], row["gain_second_half"] = gain_by_half(row["segment_only_buckets"],
+                                                                             row["memory_buckets"])
         if paper:
             row["paper"] = perplexity(stream_nll(paper, ids))
         record(kind="perplexity", **row)
         buckets = " ".join(f"{a:.1f}->{b:.1f}" for a, b in zip(row["segment_only_buckets"], row.get("memory_buckets", [])))
         md.append(f"| {path.name} | {len(ids):,} | {base8k:.2f} | {row['segment_only']:.2f} | "
-                  f"{row.get('memory', float('nan')):.2f} | {row.get('paper', float('nan')):.2f} | {buckets} |")
+                  f"{row.get('memory', float('nan')):.2f} | {row.get('paper', float('nan')):.2f} | "
+                  + (f"{row['gain_first_half']:.1f}% / {row['gain_second_half']:.1f}%" if "gain_first_half" in row else "-")
+                  + f" | {buckets} |")
         write_md()
         # short texts: excerpts, each read from scratch, against the base model's full context
         for n in short:

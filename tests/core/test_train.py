@@ -2,6 +2,7 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from infini_core import InfiniConfig, gate_parameters, memory_parameters
 from infini_core.answer import Passage, prompt_ids
 from infini_core.eval.passkey import found, passkey_sample, passkey_table, run_passkey
 from infini_core.eval.recall import recall_sample, run_recall
-from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, stream_nll
+from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, gain_by_half, stream_nll
 from infini_core.loading import ModelLoadError, load_model
 from infini_core.train import Batches, TrainConfig, freeze_base, loss_on, lr_factor, train, trainable_groups
 from tests.tiny_models import save_tiny_checkpoint
@@ -231,6 +232,40 @@ def test_eval_runs_end_to_end(model):
     short = ids[:200]
     torch.testing.assert_close(stream_nll(model, short), full_context_nll(model.lm, short, "cpu"), atol=1e-4, rtol=0)
     assert len(bucketed_perplexity(nll, 512)) == 3
+
+
+def test_memory_gain_by_half_of_a_text():
+    """The memory's gain over the window alone (%), averaged over the first and the second
+    half of the full buckets; a text's last, shorter bucket and an odd middle one left out."""
+    assert gain_by_half([40, 40, 40, 40, 30], [38, 38, 36, 36, 10]) == pytest.approx((5.0, 10.0))
+    assert gain_by_half([20, 20, 20, 20], [19, 10, 18, 5]) == pytest.approx((5.0, 10.0))
+    with pytest.raises(ValueError):
+        gain_by_half([40, 30], [39, 29])
+
+
+def test_held_out_histories_are_books_in_story_order_and_not_training_text(tmp_path):
+    """`bench/stage_data.py --hold-out-histories`: each tetralogy one held-out text, its
+    plays in story order, and none of the 8 plays among the training texts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_data", Path(__file__).parents[2] / "bench" / "stage_data.py")
+    stage_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage_data)
+    everything, train, held_out = (tmp_path / name for name in ("all", "train", "eval"))
+    for folder in (everything, train, held_out):
+        folder.mkdir()
+    stage_data.stage_plays(everything, tmp_path, hold_out_histories=False)
+    stage_data.stage_plays(train, held_out, hold_out_histories=True)
+    kept = {p.name for p in train.iterdir()}
+    assert len(kept) == len(list(everything.iterdir())) - 8 == 22
+    assert {name for name in kept if name.startswith("histories-")} == {
+        "histories-edward-iii.md", "histories-henry-viii.md", "histories-king-john.md"}
+    henriad = (held_out / "histories-henriad.txt").read_text()
+    titles = ["# Richard II\n", "# Henry IV, Part I\n", "# Henry IV, Part 2\n", "# Henry V\n"]
+    assert [henriad.index(t) for t in titles] == sorted(henriad.index(t) for t in titles) and henriad.startswith(titles[0])
+    first = (held_out / "histories-first-tetralogy.txt").read_text()
+    assert first.startswith("# Henry VI, Part 1\n") and first.rindex("# Richard III\n") > first.index("# Henry VI, Part 3\n")
+    assert len(henriad.split()) > 100_000 and len(first.split()) > 100_000
 
 
 def test_recall_sample_writes_each_fact_at_its_depth(model):
