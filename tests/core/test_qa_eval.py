@@ -109,6 +109,26 @@ def test_citation_and_recall_logic():
     assert summary["citation"] == pytest.approx(200 / 3) and summary["ttft_s"] == pytest.approx(0.2)
 
 
+def test_paired_gaps_compare_modes_on_the_same_questions():
+    """both - other per question (F1 points), its mean, a bootstrap interval that holds the
+    mean and shrinks to it when every question gains the same, and wins / ties / losses."""
+    def rows(length, mode, f1s):
+        return [{"target_tokens": length, "id": f"q{i}", "depth": 0.5, "mode": mode, "f1": f} for i, f in enumerate(f1s)]
+    table = (rows(1024, "both", [0.5, 0.5, 0.2, 1.0]) + rows(1024, "retrieval", [0.25, 0.5, 0.4, 0.0])
+             + rows(1024, "memory", [0.0] * 3)  # (one question without a memory answer)
+             + rows(2048, "both", [0.6] * 5) + rows(2048, "retrieval", [0.4] * 5))
+    gaps = {(g["target_tokens"], g["other"]): g for g in qa.paired_gaps(table)}
+    short = gaps[1024, "retrieval"]
+    assert short["n"] == 4 and short["gap"] == pytest.approx(100 * (0.25 + 0 - 0.2 + 1.0) / 4)
+    assert (short["wins"], short["ties"], short["losses"]) == (2, 1, 1)
+    assert short["low"] < short["gap"] < short["high"] and short["low"] >= -20 and short["high"] <= 100
+    assert gaps[1024, "memory"]["n"] == 3 and gaps[1024, "memory"]["gap"] == pytest.approx(100 * 1.2 / 3)
+    same = gaps[2048, "retrieval"]
+    assert same["gap"] == same["low"] == same["high"] == pytest.approx(20) and same["wins"] == 5
+    assert (2048, "memory") not in gaps
+    assert "| 1K | both - retrieval: +26.2 |" in qa.gaps_table(qa.paired_gaps(table))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data):
     """The command line on a tiny random model: 2 questions, 2K-token haystacks, all three modes,
@@ -142,9 +162,12 @@ def test_cli_writes_one_row_per_sample_and_mode_and_a_summary_table(run):
         assert (r["ingest_s"] is not None) == (r["mode"] != "retrieval")
         assert bool(r["cited_pages"]) == with_passages
     assert all(c["max_new_tokens"] == 4 for c in calls)
-    table = [line for line in md.splitlines() if line.startswith("| 2K")]
+    summary, paired = md.split("Paired on the same questions")
+    table = [line for line in summary.splitlines() if line.startswith("| 2K")]
     assert [line.split(" | ")[1] for line in table] == ["retrieval", "memory", "both"]
     assert all(line.split(" | ")[2] == "2" for line in table)  # n
+    gaps = [line.split(" | ") for line in paired.splitlines() if line.startswith("| 2K")]
+    assert [g[1].split(":")[0] for g in gaps] == ["both - retrieval", "both - memory"] and all(g[-1] == "2 |" for g in gaps)
 
 
 def test_a_run_cut_short_keeps_the_table_of_what_it_answered(tmp_path, data, monkeypatch):
@@ -160,9 +183,22 @@ def test_a_run_cut_short_keeps_the_table_of_what_it_answered(tmp_path, data, mon
     with pytest.raises(KeyboardInterrupt):
         qa.main(["--lengths", "2048", "--questions", "2", "--out", str(tmp_path / "qa"), "--model", str(checkpoint),
                  "--device", "cpu", "--data", str(data), "--k", "2", "--max-new-tokens", "4", "--block-segments", "2"])
-    table = [line.split(" | ")[1:3] for line in (tmp_path / "qa" / "qa.md").read_text().splitlines()
-             if line.startswith("| 2K")]
+    summary, paired = (tmp_path / "qa" / "qa.md").read_text().split("Paired on the same questions")
+    table = [line.split(" | ")[1:3] for line in summary.splitlines() if line.startswith("| 2K")]
     assert table == [["retrieval", "2"], ["memory", "1"], ["both", "1"]]
+    assert [line.split(" | ")[-1] for line in paired.splitlines() if line.startswith("| 2K")] == ["1 |", "1 |"]
+
+
+def test_rows_print_a_runs_tables_again(run, tmp_path, capsys):
+    """`--rows`: a run's qa.jsonl gives the tables of its qa.md again (rows of a mode this
+    code no longer has are left out, and said so)."""
+    rows, _, md, _ = run
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[0], "mode": "ensemble"}]))
+    qa.main(["--rows", str(path)])
+    printed = capsys.readouterr().out
+    assert "(left out: ensemble)" in printed
+    assert printed.split("\n\n", 1)[1].strip() == md.split("\n\n", 1)[1].strip()
 
 
 def test_memory_mode_sees_the_snapshot_and_no_passages(run):
