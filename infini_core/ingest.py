@@ -108,12 +108,9 @@ def ingest(
     state.check_compatible(model.fingerprint)
     n = model.config.segment_len
     device = torch.device(model.device)
-    if block_segments is None:
-        block_segments = BLOCK_SEGMENTS.get(device.type, BLOCK_SEGMENTS["cpu"])
+    block_segments = block_size(device, block_segments, checkpoint_every)
     if cuda_graphs is None:
         cuda_graphs = device.type == "cuda"
-    if checkpoint_every:
-        block_segments = min(block_segments, checkpoint_every)
     pieces = document_tokens(model, document, state.tokens == 0)
     if total_tokens is None and isinstance(document, torch.Tensor):
         total_tokens = document.numel()
@@ -176,6 +173,13 @@ def ingest(
     return state
 
 
+def block_size(device: torch.device, block_segments: int | None = None, checkpoint_every: int | None = None) -> int:
+    """Segments per layer-parallel block: `block_segments` or the device's default, and no
+    more than `checkpoint_every` (a checkpoint is taken between blocks)."""
+    size = block_segments or BLOCK_SEGMENTS.get(device.type, BLOCK_SEGMENTS["cpu"])
+    return min(size, checkpoint_every) if checkpoint_every else size
+
+
 def start_segments(model: InfiniModel) -> int:
     """A document's first segments, which take paths of their own (the memory still empty,
     the sinks being kept); after them every memory layer takes the whole-segment path."""
@@ -205,14 +209,16 @@ def graph_block(segments: int, block_segments: int, first_segments: int, final: 
     return 1 << (segments.bit_length() - 1)
 
 
-def capture_ingest_graphs(model: InfiniModel, block_segments: int | None = None) -> bool:
+def capture_ingest_graphs(model: InfiniModel, block_segments: int | None = None,
+                          checkpoint_every: int | None = None) -> bool:
     """Capture (and compile) every graph `ingest` reads through, as a worker does when it
     loads its model, so that no document waits for one: short documents of made-up tokens,
-    one for each block length `graph_block` gives. False where ingest reads eagerly."""
+    one for each block length `graph_block` gives (for the blocks that `ingest` with these
+    arguments reads). False where ingest reads eagerly."""
     if model.device.type != "cuda":
         return False
     n, first = model.config.segment_len, start_segments(model)
-    block_segments = block_segments or BLOCK_SEGMENTS["cuda"]
+    block_segments = block_size(model.device, block_segments, checkpoint_every)
     model.ingest_graphs = model.ingest_graphs or KeptGraphs()
     model.ingest_graphs.capture_all = True
     made_up, vocab = torch.Generator().manual_seed(0), model.lm.get_input_embeddings().num_embeddings

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING
 
 from sqlalchemy import exists, or_, select, update
@@ -105,7 +106,9 @@ class Context:
                 from infini_core.ingest import capture_ingest_graphs
                 from infini_core.prompt_graph import capture_prompt_graphs
 
-                for what, capture in (("ingest", capture_ingest_graphs), ("answer", capture_prompt_graphs)):
+                # (the blocks its readings take: no longer than its checkpoints' interval)
+                ingest_graphs = partial(capture_ingest_graphs, checkpoint_every=s.checkpoint_every)
+                for what, capture in (("ingest", ingest_graphs), ("answer", capture_prompt_graphs)):
                     started = time.perf_counter()
                     captured = capture(self._model)
                     log.info("%s CUDA graphs %s in %.1f s", what, "captured" if captured else "not used",

@@ -187,6 +187,16 @@ def test_a_document_reads_through_few_graph_lengths(block):
         assert graph_block(total, block, 0, final=False) in (0, block)
 
 
+def test_a_worker_captures_graphs_for_the_blocks_its_checkpoints_allow():
+    """The block `ingest` reads (and a worker captures graphs for, with its checkpoint
+    interval): the device's default or the one asked for, no longer than checkpoint_every."""
+    from infini_core.ingest import block_size
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert block_size(cuda) == 64 and block_size(cpu) == 8 and block_size(cuda, 32) == 32
+    assert block_size(cuda, None, 16) == 16 and block_size(cuda, 8, 16) == 8 and block_size(cpu, None, 100) == 8
+
+
 def test_the_next_token_logits_are_the_last_row_of_all_the_logits(model):
     """continue_stream runs the LM head on the last position only."""
     from infini_core.stream import forward
