@@ -103,7 +103,8 @@ class Settings(BaseSettings):
         "worker process when there are GPUs, else the CPU.",
     )
     checkpoint_every: int = Field(
-        64, ge=1, description="Segments read between two checkpoints of a document's memory."
+        64, ge=1, description="Segments read between two checkpoints of a document's memory (on a GPU, "
+        "also the longest block a worker reads through one CUDA graph).",
     )
     checkpoint_interval_s: float = Field(
         30.0, ge=0, description="Least seconds of reading between two checkpoints (a GPU reads "
