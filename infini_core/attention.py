@@ -223,7 +223,7 @@ class InfiniAttention(nn.Module):
             room = n - state.segment_tokens
             # (from the segment whose window no longer holds the document's start: all of them
             # then have the same shape of window)
-            if room == n and t - start >= 2 * n and state.segments > self.config.memory_lag:
+            if self.past_start(state) and t - start >= 2 * n:
                 # several whole segments: all of them at once (layer-parallel)
                 count = (t - start) // n * n
                 outs.append(self._whole_segments(state, *(x[:, :, start:start + count] for x in (q, k, v, mq, mk))))
@@ -289,19 +289,25 @@ class InfiniAttention(nn.Module):
     def _write(self, M, z, mk, v):
         return memory_update(M, z, feature_map(mk), v, self.config.rule)
 
+    def past_start(self, state: LayerState) -> bool:
+        """Whether this memory layer's stream is on a segment boundary past the document's
+        start (the memory readable, the sinks kept): whole segments from here on take the
+        layer-parallel path, all with the same shapes."""
+        return (state.seg_k is not None and state.segment_tokens == 0
+                and state.segments > self.config.memory_lag)
+
     def _reads_whole_block(self, state: LayerState, x: torch.Tensor) -> bool:
-        """Whether the input `x` is two or more whole segments from a segment boundary past
-        the document's start (the blocks of a long read): `_block` takes it."""
+        """Whether the input `x` is two or more whole segments past the start (the blocks of
+        a long read): `_block` takes it."""
         n, t = self.config.segment_len, x.shape[1]
-        return (self.has_memory and state.seg_k is not None and state.segment_tokens == 0
-                and state.segments > self.config.memory_lag and t >= 2 * n and t % n == 0)
+        return self.has_memory and self.past_start(state) and t >= 2 * n and t % n == 0
 
     def _block(self, state: LayerState, x: torch.Tensor) -> torch.Tensor:
         """A block of whole segments, from the layer's input to its output (`attend_block`)."""
         spec, cos, sin = self._block_spec(state, x)
         run = _block_version(attend_block, spec)
-        out, keys, values, memory = run(self, spec, x, cos, sin, *self._block_state(state))
-        self._after_block(state, x.shape[1], keys, values, memory)
+        out, window_k, window_v, memory = run(self, spec, x, cos, sin, *self._block_state(state))
+        self._after_block(state, x.shape[1], window_k, window_v, memory)
         return out
 
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
@@ -310,7 +316,8 @@ class InfiniAttention(nn.Module):
         spec, cos, sin = self._block_spec(state, q)
         out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk,
                                                            *self._block_state(state))
-        self._after_block(state, q.shape[2], k, v, memory)
+        n = self.config.segment_len
+        self._after_block(state, q.shape[2], k[:, :, -n:], v[:, :, -n:], memory)
         return out
 
     def _block_spec(self, state: LayerState, like: torch.Tensor):
@@ -324,13 +331,13 @@ class InfiniAttention(nn.Module):
     def _block_state(state: LayerState) -> tuple:
         return (state.sink_k, state.sink_v, state.win_k, state.win_v, state.M, state.z, state.M_next, state.z_next)
 
-    def _after_block(self, state: LayerState, tokens: int, k, v, memory) -> None:
-        """The state after a block: its memory, and its last segment as the window."""
-        n = self.config.segment_len
+    def _after_block(self, state: LayerState, tokens: int, window_k, window_v, memory) -> None:
+        """The state after a block: its memory, and its last segment's keys and values as the
+        window."""
         state.M, state.z, state.M_next, state.z_next = memory
-        state.segments += tokens // n
+        state.segments += tokens // self.config.segment_len
         if self.config.xl_window:
-            state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
+            state.win_k, state.win_v = window_k, window_v
 
 
 @dataclass(frozen=True)

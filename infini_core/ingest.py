@@ -303,9 +303,8 @@ class BlockGraph:
     def steady(model: InfiniModel, state: MemoryState) -> bool:
         """Whether the next block takes the steady path: all memory layers past the start
         (whole-segment path, sinks kept), and on a segment boundary."""
-        lag = model.config.memory_lag
-        return all(layer.segments > lag and layer.seg_k is not None and layer.seg_k.shape[2] == 0
-                   for attn, layer in zip(infini_layers(model.lm), state.layers) if attn.has_memory)
+        return all(attn.past_start(layer) for attn, layer in zip(infini_layers(model.lm), state.layers)
+                   if attn.has_memory)
 
     @classmethod
     def capture(cls, model: InfiniModel, kept: "KeptGraphs", layers: list[LayerState], ids: list[int],

@@ -278,7 +278,7 @@ def read_state_file(path, device=None) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CorruptStateError(f"{name} is truncated or damaged") from None
     body = memoryview(data)[start:]
     expected = meta.pop("sha256", None)
-    if expected != _checksum({key: (f"{key}:{dtype}:{tuple(shape)}", body[begin:end])
+    if expected != _checksum({key: (_described(key, dtype, shape), body[begin:end])
                               for key, (dtype, shape, begin, end) in layout.items()}, meta):
         raise CorruptStateError(f"{name} is damaged: its checksum does not match its contents")
     meta["sha256"] = expected
@@ -332,8 +332,13 @@ def _checksum(parts: dict[str, tuple[str, object]], meta: dict) -> str:
 
 def _tensor_parts(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[str, object]]:
     """What `_checksum` hashes of tensors held in CPU memory (the buffers themselves, not copies)."""
-    return {key: (f"{key}:{t.dtype}:{tuple(t.shape)}", t.contiguous().view(torch.uint8).numpy())
+    return {key: (_described(key, t.dtype, t.shape), t.contiguous().view(torch.uint8).numpy())
             for key, t in tensors.items()}
+
+
+def _described(key: str, dtype: torch.dtype, shape) -> str:
+    """What the checksum hashes before a tensor's bytes: its key, dtype and shape."""
+    return f"{key}:{dtype}:{tuple(shape)}"
 
 
 def _hash_parts(h, parts: dict[str, tuple[str, object]], keys: list[str]):

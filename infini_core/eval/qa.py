@@ -358,8 +358,8 @@ def paired_gaps(rows: Sequence[dict], mode: str = "both", resamples: int = 2000,
     f1s = {(r["target_tokens"], r["id"], r["depth"], r["mode"]): r["f1"] for r in rows}
     gaps = []
     for length in sorted({r["target_tokens"] for r in rows}):
+        asked = sorted({key[1:3] for key in f1s if key[0] == length})  # (question, depth)
         for other in (m for m in MODES if m != mode):
-            asked = sorted({key[1:3] for key in f1s if key[0] == length})
             diffs = [100 * (f1s[length, *q, mode] - f1s[length, *q, other]) for q in asked
                      if (length, *q, mode) in f1s and (length, *q, other) in f1s]
             if not diffs:
