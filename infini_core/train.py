@@ -70,11 +70,19 @@ class TrainConfig:
     max_minutes: float = _option(0.0, "stop after this long, still writing the adapter (0: no limit)")
     decay_fraction: float = _option(0.0, "learning rates fall linearly to zero over this share of the last steps")
     init_adapter: str = _option("", "start from this adapter's weights (a fresh optimizer; its conversion applies)")
+    freeze_tau: bool = _option(False, "keep the feature map's sharpness where it starts (run 7 in docs/results.md: "
+                               "reading after a long prefix drove it from 7 to 14 and lost the passkeys)")
+
+
+def trained_parameters(model: InfiniModel, cfg: TrainConfig) -> dict[str, torch.nn.Parameter]:
+    """What training moves: what the memory owns, less the sharpness where it is frozen."""
+    return {n: p for n, p in memory_parameters(model.lm).items()
+            if not (cfg.freeze_tau and n.endswith("memory_tau"))}
 
 
 def trainable_groups(model: InfiniModel, cfg: TrainConfig) -> list[dict]:
     """Two learning rates: gates and sharpness, and the memory's projections."""
-    params = memory_parameters(model.lm)
+    params = trained_parameters(model, cfg)
     small = [p for n, p in params.items() if n.endswith(("memory_gate", "memory_tau"))]
     large = [p for n, p in params.items() if not n.endswith(("memory_gate", "memory_tau"))]
     groups = [{"params": small, "lr": cfg.lr_gate, "name": "gates+tau"}]
@@ -83,8 +91,8 @@ def trainable_groups(model: InfiniModel, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def freeze_base(model: InfiniModel) -> None:
-    owned = set(memory_parameters(model.lm).values())
+def freeze_base(model: InfiniModel, cfg: TrainConfig) -> None:
+    owned = set(trained_parameters(model, cfg).values())
     for p in model.lm.parameters():
         p.requires_grad_(p in owned)
 
@@ -222,7 +230,7 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     lm = model.lm
-    freeze_base(model)
+    freeze_base(model, cfg)
     lm.train()
     if cfg.grad_checkpointing and model.device.type == "cuda":
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -162,6 +162,11 @@ def test_documents_of_any_length_read_through_kept_graphs_as_eager_reads_do(tmp_
     second = doc(2 + 8 + 8 + 6, 1)  # 6 = 4 + 2
     assert_same_state(ingest(gpu, second, block_segments=8), eager(second))
     assert replays == [2, 8, 8, 4, 2] and len(gpu.ingest_graphs.graphs) == 5
+    # a worker checkpointing every 4 segments reads blocks of 4, through graphs it has
+    assert capture_ingest_graphs(gpu, checkpoint_every=4) and len(gpu.ingest_graphs.graphs) == 5
+    replays.clear()
+    assert_same_state(ingest(gpu, second, checkpoint_every=4), eager(second))
+    assert replays == [2, 4, 4, 4, 4, 4, 2] and len(gpu.ingest_graphs.graphs) == 5
 
 
 @pytest.mark.parametrize("block", [8, 64, 10])

@@ -120,7 +120,7 @@ def test_qa_rows_ask_as_the_product_asks_after_text_holding_the_answer(model, tm
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(model):
     cfg = TrainConfig(batch_size=4, curriculum_steps=0, max_segments=3, gate_init=0.0)
-    freeze_base(model)
+    freeze_base(model, cfg)
     for gate in gate_parameters(model.lm):  # as train() starts them
         gate.data.fill_(cfg.gate_init)
     ids, labels, lm_rows = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
@@ -163,7 +163,7 @@ def test_rows_after_a_prefix_start_from_the_memory_it_left(model):
         assert not torch.allclose(hidden, model.lm.base_model(input_ids=ids).last_hidden_state, atol=1e-3)
     torch.testing.assert_close(again, hidden, atol=0, rtol=0)
 
-    freeze_base(model)
+    freeze_base(model, cfg)
     for gate in gate_parameters(model.lm):  # open, so that the memory's parameters get gradients
         gate.data.fill_(0.0)
     grads = []
@@ -212,6 +212,19 @@ def test_training_goes_on_from_an_adapter(model, tmp_path):
     other = load_model(folder, infini=InfiniConfig(segment_len=128), adapter=None, device="cpu")
     with pytest.raises(ValueError, match="was trained for"):
         train(other, corpus, tmp_path / "other", TrainConfig(steps=0, init_adapter=str(first)), log=lambda row: None)
+
+
+def test_a_frozen_sharpness_stays_where_it_starts(model, tmp_path):
+    """--freeze-tau: the gates and the memory's projections train, tau does not."""
+    before = {n: p.detach().clone() for n, p in memory_parameters(model.lm).items()}
+    cfg = TrainConfig(steps=2, batch_size=2, curriculum_steps=1, max_segments=3, freeze_tau=True)
+    train(model, model.tokenizer(TEXT).input_ids, tmp_path, cfg, log=lambda row: None)
+    after = memory_parameters(model.lm)
+    taus = [n for n in before if n.endswith("memory_tau")]
+    projections = [n for n in before if not n.endswith(("memory_tau", "memory_gate"))]
+    assert taus and projections
+    assert all(torch.equal(after[n], before[n]) for n in taus)
+    assert all(not torch.equal(after[n], before[n]) for n in projections)
 
 
 def test_learning_rates_warm_up_and_decay_to_zero():
