@@ -267,24 +267,6 @@ class InfiniAttention(nn.Module):
             state.M, state.z = self._write(state.M, state.z, seg_mk, seg_v)
         state.segments += 1
 
-    def window_into_memory(self, state: LayerState) -> None:
-        """Write what the local window holds of the stream (the unfinished segment, and with
-        xl_window the previous one) into the memory, and empty the window: what comes next
-        reads all of it through the memory, beside the sinks. A stream still inside its
-        first window keeps it (nothing of it has a memory to go to yet)."""
-        if not self.has_memory or state.segments <= self.config.memory_lag:
-            return
-        M, z = (state.M_next, state.z_next) if self.config.memory_lag else (state.M, state.z)
-        if state.segment_tokens:  # (the previous segment is in M_next already: the lag)
-            _, seg_v, seg_mk = state.take_segment(xl_window=False)
-            M, z = self._write(M, z, seg_mk, seg_v)
-            state.segments += 1
-        state.M, state.z = M, z
-        if self.config.memory_lag:
-            state.M_next, state.z_next = M, z
-        if state.win_k is not None:
-            state.win_k, state.win_v = state.win_k[:, :, :0], state.win_v[:, :, :0]
-
     def _padded_piece(self, slot: PaddedSegment, x: torch.Tensor) -> torch.Tensor:
         """A piece of a prompt inside the current segment, in fixed shapes (`PaddedSegment`):
         its keys go into the segment's slots, and each query attends to the window up to its

@@ -70,16 +70,3 @@ def settle(model, state) -> None:
     if state.pending:
         with torch.no_grad():
             continue_stream(model, state, [], logits=False)
-
-
-def window_into_memory(model, state):
-    """A fork of `state` whose memory layers hold the whole stream in their memory and
-    nothing in their local window (its pending tokens run first): passages and a question
-    read after it see the document only through the memory, not its last words beside
-    them. Sliding-window layers, which have no memory, keep their window."""
-    work = state.fork()
-    settle(model, work)
-    with torch.no_grad():
-        for attn, layer in zip(infini_layers(model.lm), work.layers):
-            attn.window_into_memory(layer)
-    return work

@@ -363,42 +363,6 @@ def test_bad_states_raise_their_specific_errors(model, checkpoint, tmp_path):
         list(answer(other_weights, state, "question?"))
 
 
-@pytest.mark.parametrize("tail", [0, 5])
-def test_a_window_written_into_the_memory_leaves_only_the_memory_and_the_sinks(model, checkpoint, tail):
-    """window_into_memory: the previous segment and the unfinished one go into the memory
-    (as the stream itself writes a segment that leaves the window, or the memory op writes
-    the unfinished one); what comes next attends to the sinks and itself only, as a new
-    stream of the sinks and it does where the gates are shut; the snapshot stays as it was."""
-    from infini_core.memory.naive import feature_map, memory_update
-    from infini_core.stream import window_into_memory
-
-    ids = torch.randint(0, 100, (5 * 16 + tail,), generator=torch.Generator().manual_seed(tail)).tolist()
-    state = ingest(model, ids)
-    before = {k: v.clone() for k, v in state.tensors().items()}
-    flushed = window_into_memory(model, state)
-    assert all(torch.equal(before[k], v) for k, v in state.tensors().items()) and flushed.pending == []
-    settled = state.fork()
-    settle(model, settled)
-    after = ingest(model, ids + [7] * 16).layers  # (a segment after whole ones reads all of them)
-    for layer, was, nxt in zip(flushed.layers, settled.layers, after):
-        assert layer.win_k.shape[2] == layer.segment_tokens == 0 and layer.sink_k.shape[2] == 4
-        if tail:
-            want = memory_update(was.M_next, was.z_next, feature_map(was.seg_mk), was.seg_v, model.config.rule)
-        else:
-            want = (nxt.M, nxt.z)
-        for got, expected in zip((layer.M, layer.z, layer.M_next, layer.z_next), want + want):
-            torch.testing.assert_close(got, expected, atol=1e-5 * max(1.0, expected.abs().max().item()), rtol=0)
-
-    shut = load_model(checkpoint, infini=InfiniConfig(segment_len=16, gate_init=-40.0), device="cpu")
-    prompt = [11, 12, 13, 14, 15, 16]
-    with torch.no_grad():
-        got = continue_stream(shut, window_into_memory(shut, ingest(shut, ids)), prompt)
-        fresh = continue_stream(shut, ingest(shut, ids[:4]), prompt)
-        kept = continue_stream(shut, ingest(shut, ids), prompt)
-    torch.testing.assert_close(got, fresh, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(kept, fresh, atol=1e-3)  # (the window did hold the document's end)
-
-
 def test_answer_streams_and_never_changes_the_snapshot(model):
     state = ingest(model, TEXT)
     before = {k: v.clone() for k, v in state.tensors().items()}
