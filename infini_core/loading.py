@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,10 +91,17 @@ def default_model_dir() -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     plain.generation_config = gguf_model.generation_config
-    tmp = target.with_name(target.name + ".tmp")
+    # a folder of this process's own: workers started together each convert, and the first
+    # to finish wins (a folder is renamed whole or not at all)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)  # whole or not at all
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return target
 
 

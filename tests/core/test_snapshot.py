@@ -1,8 +1,10 @@
 """Read once, answer forever: streaming ingest, snapshots, answers from a snapshot."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,6 +433,30 @@ def test_default_model_answers_from_its_snapshot(tmp_path):
     reply = "".join(answer(model, state, "What was the password to the lamp room?", max_new_tokens=24))
     assert "marmalade" in reply.lower()
     assert json.loads(json.dumps(state.fingerprint))["source"]["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+def test_workers_converting_the_default_model_at_once_all_get_it(tmp_path, monkeypatch):
+    """Workers started together on an empty cache each convert the GGUF file; one that
+    finishes second finds the folder there and uses it, instead of failing to rename its own."""
+    from transformers import AutoConfig
+
+    from infini_core import loading
+
+    monkeypatch.setenv("INFINI_CACHE_DIR", str(tmp_path))
+    rename = loading.os.replace
+
+    def another_worker_first(src, dst):
+        if Path(dst) == tmp_path / "smollm2-135m-instruct":
+            shutil.copytree(src, dst)  # another process's whole folder lands just before ours
+        rename(src, dst)
+
+    monkeypatch.setattr(loading.os, "replace", another_worker_first)
+    folder = loading.default_model_dir()
+    monkeypatch.undo()
+    assert folder == tmp_path / "smollm2-135m-instruct"
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # ours removed
+    assert AutoConfig.from_pretrained(folder).model_type == "llama"
 
 
 @pytest.mark.slow
