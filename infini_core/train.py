@@ -25,10 +25,10 @@ from .convert import gate_parameters, memory_parameters
 from .eval.passkey import FILLER, passkey_sample
 from .eval.recall import QUESTION as RECALL_QUESTION
 from .eval.recall import recall_sample
-from .ingest import adds_bos, ingest
+from .ingest import adds_bos
 from .loading import InfiniModel, load_adapter_tensors, read_adapter, save_adapter
 from .state import LAYER_TENSORS, LayerState
-from .stream import starting_from
+from .stream import forward, new_layer_states, starting_from
 
 
 def _option(default, help: str):
@@ -62,6 +62,9 @@ class TrainConfig:
     prefix_tokens: int = _option(0, "long text read without gradients before every batch, the same for all its "
                                  "rows (rounded down to whole segments): the rows then start from a memory that "
                                  "already holds a long document, as the product's questions do")
+    prefix_per_row: bool = _option(False, "each row reads a prefix of its own: a language-modelling row the text "
+                                   "just before it (the loss then falls on a book whose earlier pages are in the "
+                                   "memory), a passkey row more filler, any other row other text")
     lm_weight: float = _option(8.0, "loss = mean over answer tokens + lm_weight x mean over text tokens")
     grad_checkpointing: bool = _option(True, "recompute each layer in the backward pass (CUDA)")
     seed: int = _option(0, "seed of the data and the initialisation")
@@ -165,8 +168,9 @@ class Batches:
         start = self.rng.randrange(0, len(self.corpus) - length)
         return self.corpus[start:start + length]
 
-    def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids, labels, which rows are language modelling) of one step."""
+    def next(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(ids, labels, which rows are language modelling, the prefix each row reads first:
+        [rows or 1, tokens], None without prefix_tokens) of one step."""
         cfg = self.cfg
         memory_only = step < cfg.curriculum_steps
         lo = max(cfg.min_segments, self.reach + 1) if memory_only else cfg.min_segments
@@ -178,21 +182,34 @@ class Batches:
         n_qa = round(cfg.qa_fraction * cfg.batch_size) if not memory_only else 0
         # the language-modelling loss covers the last segments that read the memory
         lm_from = max(self.reach, segments - cfg.lm_segments) * self.n
+        before = cfg.prefix_tokens // self.n * self.n  # whole segments
+        own_prefix = cfg.prefix_per_row and before > 0
+        prefixes = []
         for i in range(cfg.batch_size):
             if i < n_lm:
-                ids = self.lm_row(length)
+                ids = self.lm_row(before + length if own_prefix else length)
+                if own_prefix:  # the text just before the row
+                    prefixes.append(ids[:before])
+                    ids = ids[before:]
                 lab = [-100] * lm_from + ids[lm_from:]
             elif i < n_lm + n_recall + n_qa:
                 ids, answer = self.recall_row(length) if i < n_lm + n_recall else self.qa_row(length)
                 lab = [-100] * (length - answer) + ids[length - answer:]
+                if own_prefix:
+                    prefixes.append(self.lm_row(before))
             else:
                 # after the curriculum, half the keys still sit in the first segment: the
                 # longer the filler behind them, the more the memory must keep them apart
                 ids, answer = self.passkey_row(length, memory_only or i % 2 == 0)
                 lab = [-100] * (length - answer) + ids[length - answer:]
+                if own_prefix:
+                    prefixes.append((self.filler * (before // len(self.filler) + 1))[:before])
             rows.append(ids)
             labels.append(lab)
-        return torch.tensor(rows), torch.tensor(labels), torch.arange(cfg.batch_size) < n_lm
+        if before and not own_prefix:
+            prefixes = [self.lm_row(before)]  # one text, shared by the batch
+        prefix = torch.tensor(prefixes) if prefixes else None
+        return torch.tensor(rows), torch.tensor(labels), torch.arange(cfg.batch_size) < n_lm, prefix
 
 
 def loss_on(model: InfiniModel, ids: torch.Tensor, labels: torch.Tensor, lm_rows: torch.Tensor | None = None,
@@ -268,11 +285,11 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
             log({"stopped_early": step, "minutes": cfg.max_minutes})
             step -= 1
             break
-        ids, labels, lm_rows = (t.to(model.device) for t in batches.next(step))
+        ids, labels, lm_rows, prefix = (t if t is None else t.to(model.device) for t in batches.next(step))
         for g in opt.param_groups:
             g["lr"] = g.setdefault("base_lr", g["lr"]) * lr_factor(step, cfg)
         with autocast:
-            start_states = prefix_states(model, batches, cfg, len(ids)) if cfg.prefix_tokens else None
+            start_states = None if prefix is None else prefix_states(model, prefix, len(ids))
         # (set through backward too: checkpointed layers run again there)
         with starting_from(lm, start_states) if start_states else contextlib.nullcontext():
             with autocast:
@@ -300,13 +317,14 @@ def train(model: InfiniModel, corpus_ids: list[int], out_dir: Path, cfg: TrainCo
     return path
 
 
-def prefix_states(model: InfiniModel, batches: Batches, cfg: TrainConfig, rows: int) -> list[LayerState]:
-    """The layer states after `cfg.prefix_tokens` of the corpus (whole segments, no
-    gradients), shared by `rows` rows."""
-    n = model.config.segment_len
-    state = ingest(model, batches.lm_row(cfg.prefix_tokens // n * n), cuda_graphs=False)
+def prefix_states(model: InfiniModel, prefix: torch.Tensor, rows: int) -> list[LayerState]:
+    """The layer states after reading `prefix` [rows, tokens] (no gradients), or one text
+    [1, tokens] read once for all `rows`."""
+    layers = new_layer_states(model.lm)
+    with torch.no_grad():
+        forward(model.lm, prefix, layers, logits=False)
     return [replace(layer, **{name: t.expand(rows, *t.shape[1:]) for name in LAYER_TENSORS
-                              if (t := getattr(layer, name)) is not None}) for layer in state.layers]
+                              if (t := getattr(layer, name)) is not None}) for layer in layers]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

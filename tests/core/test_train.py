@@ -42,7 +42,7 @@ def test_passkey_sample_places_the_key_where_it_says(model):
 def test_batches_label_answers_or_the_segments_that_read_the_memory(model):
     cfg = TrainConfig(batch_size=4, lm_fraction=0.5, lm_segments=2, curriculum_steps=1)
     corpus = model.tokenizer(TEXT).input_ids
-    ids, labels, lm_rows = Batches(model, corpus, cfg).next(0)  # curriculum: the key in segment 0, beyond the xl window
+    ids, labels, lm_rows, _ = Batches(model, corpus, cfg).next(0)  # curriculum: the key in segment 0, beyond the xl window
     assert ids.shape == labels.shape and ids.shape[1] == 3 * 256
     assert lm_rows.tolist() == [True, True, False, False]
     needle = model.tokenizer("The pass key is", add_special_tokens=False).input_ids
@@ -54,14 +54,14 @@ def test_batches_label_answers_or_the_segments_that_read_the_memory(model):
         assert len(labelled) == len(model.tokenizer(" 12345", add_special_tokens=False).input_ids)
         pos = next(i for i in range(len(row)) if row[i:i + len(needle)].tolist() == needle)
         assert pos < 256 - len(needle)
-    ids, labels, lm_rows = Batches(model, corpus, TrainConfig(**{**cfg.__dict__, "min_segments": 5, "max_segments": 5})).next(5)
+    ids, labels, lm_rows, _ = Batches(model, corpus, TrainConfig(**{**cfg.__dict__, "min_segments": 5, "max_segments": 5})).next(5)
     assert ids.shape[1] == 5 * 256 and lm_rows.sum() == 2
     assert ((labels[lm_rows] != -100).sum(1) == 2 * 256).all()  # the last lm_segments segments
 
 
 def test_answers_and_text_are_averaged_apart(model):
     cfg = TrainConfig(batch_size=4, lm_fraction=0.5, curriculum_steps=0, min_segments=3, max_segments=3)
-    ids, labels, lm_rows = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
+    ids, labels, lm_rows, _ = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
     with torch.no_grad():
         both, stats = loss_on(model, ids, labels, lm_rows, lm_weight=3.0)
         answers, _ = loss_on(model, ids[~lm_rows], labels[~lm_rows])
@@ -79,7 +79,7 @@ def test_answers_and_text_are_averaged_apart(model):
 def test_recall_rows_ask_for_a_fact_written_earlier_in_the_row(model):
     tok = model.tokenizer
     cfg = TrainConfig(batch_size=4, lm_fraction=0.25, recall_fraction=0.5, curriculum_steps=0, min_segments=4)
-    ids, labels, _ = Batches(model, tok(TEXT).input_ids, cfg).next(0)
+    ids, labels, _, _ = Batches(model, tok(TEXT).input_ids, cfg).next(0)
     assert ids.shape[1] >= 4 * 256
     for row, lab in list(zip(ids, labels))[1:3]:
         code = tok.decode(lab[lab != -100])
@@ -95,7 +95,7 @@ def test_qa_rows_ask_as_the_product_asks_after_text_holding_the_answer(model, tm
     data.write_text(json.dumps(item) + "\n")
     cfg = TrainConfig(batch_size=8, lm_fraction=0.0, qa_fraction=1.0, qa_data=str(data), curriculum_steps=0,
                       min_segments=4, max_segments=4)
-    ids, labels, _ = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
+    ids, labels, _, _ = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
     enc = lambda text: model.tokenizer(text, add_special_tokens=False).input_ids
     answer = enc("the keeper") + [model.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     gold = enc("\n\n" + item["gold"][0] + "\n\n")
@@ -123,7 +123,7 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch(model):
     freeze_base(model, cfg)
     for gate in gate_parameters(model.lm):  # as train() starts them
         gate.data.fill_(cfg.gate_init)
-    ids, labels, lm_rows = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
+    ids, labels, lm_rows, _ = Batches(model, model.tokenizer(TEXT).input_ids, cfg).next(0)
     opt = torch.optim.AdamW(trainable_groups(model, cfg), weight_decay=0.0)
     before, _ = loss_on(model, ids, labels, lm_rows, cfg.lm_weight)
     before.backward()
@@ -147,11 +147,10 @@ def test_rows_after_a_prefix_start_from_the_memory_it_left(model):
 
     cfg = TrainConfig(batch_size=2, curriculum_steps=0, max_segments=3, prefix_tokens=2 * 256 + 100)
     batches = Batches(model, model.tokenizer(TEXT).input_ids, cfg)
-    ids, labels, lm_rows = batches.next(0)
-    rng = batches.rng.getstate()
-    start = prefix_states(model, batches, cfg, len(ids))
-    batches.rng.setstate(rng)
-    prefix = batches.lm_row(2 * 256)  # the whole segments prefix_states read
+    ids, labels, lm_rows, prefix = batches.next(0)
+    assert prefix.shape == (1, 2 * 256)  # whole segments, one text for the batch
+    prefix = prefix[0].tolist()
+    start = prefix_states(model, torch.tensor([prefix]), len(ids))
     assert all(layer.segments == 2 and layer.M.shape[0] == 2 for layer in start)
     with torch.no_grad(), starting_from(model.lm, start):
         hidden = model.lm.base_model(input_ids=ids).last_hidden_state
@@ -180,6 +179,35 @@ def test_rows_after_a_prefix_start_from_the_memory_it_left(model):
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_rows_with_prefixes_of_their_own(model):
+    """With prefix_per_row, a language-modelling row goes on from the text just before it in
+    the corpus, a passkey row from filler; each row continues its own prefix's stream as if
+    it had read it alone (the reference: that prefix ingested, then the row forwarded)."""
+    from infini_core.ingest import ingest
+    from infini_core.stream import forward, starting_from
+    from infini_core.train import prefix_states
+
+    corpus = model.tokenizer(TEXT).input_ids
+    cfg = TrainConfig(batch_size=2, curriculum_steps=0, min_segments=3, max_segments=3, lm_fraction=0.5,
+                      prefix_tokens=2 * 256 + 7, prefix_per_row=True)
+    batches = Batches(model, corpus, cfg)
+    ids, labels, lm_rows, prefix = batches.next(0)
+    assert prefix.shape == (2, 2 * 256) and lm_rows.tolist() == [True, False]
+    text = prefix[0].tolist() + ids[0].tolist()  # the language-modelling row: one stretch of the corpus
+    assert any(corpus[i:i + len(text)] == text for i in range(len(corpus) - len(text) + 1))
+    filler = batches.filler
+    assert prefix[1].tolist() == (filler * (len(prefix[1]) // len(filler) + 1))[:len(prefix[1])]
+
+    start = prefix_states(model, prefix, len(ids))
+    assert all(layer.segments == 2 and layer.M.shape[0] == 2 for layer in start)
+    with torch.no_grad(), starting_from(model.lm, start):
+        hidden = model.lm.base_model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        for row, before, got in zip(ids, prefix, hidden):
+            want = forward(model.lm, row[None], ingest(model, before.tolist()).layers, logits=False)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
