@@ -18,6 +18,8 @@ from infini_core.loading import DEFAULT_MODEL, load_model
 
 def stretch_perplexity(model, ids: list[int], position: int, before: int, stretch: int) -> float:
     """Perplexity of ids[position:position + stretch], read after `before` tokens of what precedes it."""
+    if before > position:
+        raise ValueError(f"{before} tokens do not precede position {position}")
     return math.exp(stream_nll(model, ids[position - before:position + stretch])[-stretch:].mean().item())
 
 
@@ -45,13 +47,15 @@ def main() -> None:
                 # (the window alone sees a segment back: 2,048 tokens before are plenty)
                 row = {"text": path.name, "position": position, "stretch": args.stretch,
                        "segment_only": stretch_perplexity(closed, ids, position, 2048, args.stretch)}
-                for w in windows:
-                    row[f"memory_last_{w}"] = stretch_perplexity(memory, ids, position, w, args.stretch)
+                for w in windows:  # (a window longer than the text before the stretch is left out)
+                    if w <= position:
+                        row[f"memory_last_{w}"] = stretch_perplexity(memory, ids, position, w, args.stretch)
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 base = row["segment_only"]
                 md.append(f"| {path.name} | {position:,} | {base:.2f} | " + " | ".join(
-                    f"{row[f'memory_last_{w}']:.2f} ({100 * (row[f'memory_last_{w}'] / base - 1):+.1f}%)" for w in windows) + " |")
+                    f"{row[f'memory_last_{w}']:.2f} ({100 * (row[f'memory_last_{w}'] / base - 1):+.1f}%)"
+                    if f"memory_last_{w}" in row else "-" for w in windows) + " |")
                 (args.out / "memory_horizon.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
