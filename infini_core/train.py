@@ -59,9 +59,9 @@ class TrainConfig:
                                  "as passages) and the short answer (needs qa_data)")
     qa_data: str = _option("", "JSON lines of {question, answer, gold: [paragraphs]} for qa_fraction "
                            "(bench/stage_data.py writes OUT/train-qa/hotpotqa-train.jsonl)")
-    prefix_tokens: int = _option(0, "long text read without gradients before every batch, the same for all its "
-                                 "rows (rounded down to whole segments): the rows then start from a memory that "
-                                 "already holds a long document, as the product's questions do")
+    prefix_tokens: int = _option(0, "long text read without gradients before every batch, one text for all its "
+                                 "rows unless prefix_per_row (rounded down to whole segments): the rows then start "
+                                 "from a memory that already holds a long document, as the product's questions do")
     prefix_per_row: bool = _option(False, "each row reads a prefix of its own: a language-modelling row the text "
                                    "just before it (the loss then falls on a book whose earlier pages are in the "
                                    "memory), a passkey row more filler, any other row other text")

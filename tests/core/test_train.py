@@ -149,8 +149,8 @@ def test_rows_after_a_prefix_start_from_the_memory_it_left(model):
     batches = Batches(model, model.tokenizer(TEXT).input_ids, cfg)
     ids, labels, lm_rows, prefix = batches.next(0)
     assert prefix.shape == (1, 2 * 256)  # whole segments, one text for the batch
+    start = prefix_states(model, prefix, len(ids))
     prefix = prefix[0].tolist()
-    start = prefix_states(model, torch.tensor([prefix]), len(ids))
     assert all(layer.segments == 2 and layer.M.shape[0] == 2 for layer in start)
     with torch.no_grad(), starting_from(model.lm, start):
         hidden = model.lm.base_model(input_ids=ids).last_hidden_state
