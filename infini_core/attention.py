@@ -220,6 +220,10 @@ class InfiniAttention(nn.Module):
         n = self.config.segment_len
         outs, start, t = [], 0, q.shape[2]
         while start < t:
+            if start == 0 and t >= 2 * n and self._opens_document(state):
+                outs.append(self._first_segments(state, *(x[:, :, :2 * n] for x in (q, k, v, mq, mk))))
+                start = 2 * n
+                continue
             room = n - state.segment_tokens
             # (from the segment whose window no longer holds the document's start: all of them
             # then have the same shape of window)
@@ -233,6 +237,28 @@ class InfiniAttention(nn.Module):
             outs.append(self._segment_piece(state, q[:, :, piece], k[:, :, piece], v[:, :, piece], mq[:, :, piece], mk[:, :, piece]))
             start = piece.stop
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _opens_document(self, state: LayerState) -> bool:
+        """Whether the next two whole segments are a document's first, read the way the
+        default conversion reads them: both attend to themselves and the one before and
+        leave an empty memory unmixed (see `_first_segments`)."""
+        cfg = self.config
+        return (state.segments == 0 and state.segment_tokens == 0 and cfg.memory_lag == 1 and cfg.xl_window
+                and not cfg.mix_empty_memory)
+
+    def _first_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
+        """A document's first two segments at once. Both read an empty memory and each sees
+        itself and the one before, so together they are plain causal attention: one kernel
+        where segment by segment took two, and no reads of an empty memory to throw away
+        (a short document's first CUDA graph ran them eagerly, docs/benchmarks.md). Then
+        both are written, as segment by segment."""
+        n = self.config.segment_len
+        out = self._attend(q, k, v, *self._rope.get(2 * n, q, self.layer_type))
+        state.keep_sinks(k, v, self.config.sink_tokens)
+        for s in (slice(0, n), slice(n, 2 * n)):
+            state.append_segment(k[:, :, s], v[:, :, s], mk[:, :, s])
+            self.complete_segment(state)
+        return out
 
     def _mix(self, local: torch.Tensor, mem: torch.Tensor, empty_tokens: int = 0) -> torch.Tensor:
         """Gate the memory in; the first `empty_tokens` read an empty memory and, unless

@@ -122,6 +122,29 @@ def test_memory_takes_a_segment_when_it_leaves_the_window(rule):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("rule", ["linear", "delta"])
+def test_a_documents_first_two_segments_at_once_read_as_one_by_one(arch, rule):
+    """A document's first two segments read in one piece (plain causal attention, then both
+    written) give what reading them one at a time gives: outputs and every tensor of the state."""
+    from infini_core.state import LAYER_TENSORS
+
+    n = 8
+    model = convert_to_infini(tiny_model(arch), InfiniConfig(segment_len=n, rule=rule))
+    randomize_adapter(model)
+    x = ids(2, 2 * n + 3)
+    with torch.no_grad():
+        together, apart = new_layer_states(model), new_layer_states(model)
+        whole = forward(model, x, together)
+        pieces = torch.cat([forward(model, x[:, a:b], apart) for a, b in [(0, n), (n, 2 * n), (2 * n, 2 * n + 3)]], 1)
+    torch.testing.assert_close(whole, pieces, atol=1e-5, rtol=0)
+    for a, b in zip(together, apart):
+        assert a.segments == b.segments == (2 if b.M is not None else 0)  # (gemma3's sliding layers count none)
+        for name in LAYER_TENSORS:
+            if getattr(b, name) is not None:
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rule", ["linear", "delta"])
 @pytest.mark.parametrize("xl_window", [True, False])
 def test_streaming_in_pieces_equals_one_pass(arch, rule, xl_window):
     """One pass (whole segments at once through the dispatch op), uneven pieces and
