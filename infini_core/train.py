@@ -114,6 +114,8 @@ class Batches:
         # left the local window (one segment later with the XL window)
         self.reach = model.config.memory_lag + 1
         self.qa_items = read_qa_items(cfg.qa_data) if cfg.qa_fraction else []
+        if cfg.prefix_per_row and cfg.prefix_tokens < self.n:
+            raise ValueError(f"prefix_per_row needs prefix_tokens of at least one segment ({self.n} tokens)")
 
     def passkey_row(self, length: int, memory_only: bool) -> tuple[list[int], int]:
         """(ids, number of answer tokens at the end) of exactly `length` tokens."""

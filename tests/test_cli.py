@@ -104,3 +104,13 @@ def test_train_is_a_command_with_its_own_options(tmp_path):
     assert helped.returncode == 0 and "--max-minutes" in helped.stdout and "--data" in helped.stdout
     missing = infini("train", "--data", tmp_path / "none", "--out", tmp_path / "out")
     assert missing.returncode == 2 and "no such folder" in missing.stderr
+
+
+def test_train_says_what_is_wrong_with_its_options(tiny, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "book.txt").write_text("The keeper lit the lamp every night. " * 200)
+    bad = infini("train", "--data", tmp_path / "data", "--out", tmp_path / "out", "--model", tiny,
+                 "--segment-len", 16, "--prefix-per-row", "true")
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1] == (
+        "infini: error: prefix_per_row needs prefix_tokens of at least one segment (16 tokens)")
+    assert "Traceback" not in bad.stderr

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 EXIT_ERROR = 1
@@ -149,15 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from infini_core.train import main as train_main
 
-        train_main(argv[1:])
-        return 0
-    args = parser().parse_args(argv)
+        run = partial(train_main, argv[1:])
+    else:
+        args = parser().parse_args(argv)
+        run = partial(args.run, args)
     from infini_core.loading import ModelLoadError
     from infini_core.state import StateError
     from storage.parsing import DocumentError
 
     try:
-        args.run(args)
+        run()
     except FileNotFoundError as e:
         print(f"infini: error: {e.filename}: no such file", file=sys.stderr)
         return EXIT_ERROR

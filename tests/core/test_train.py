@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,8 @@ def test_rows_with_prefixes_of_their_own(model):
     assert all(layer.segments == 2 and layer.M.shape[0] == 2 for layer in start)
     with torch.no_grad(), starting_from(model.lm, start):
         hidden = model.lm.base_model(input_ids=ids).last_hidden_state
+    with pytest.raises(ValueError, match="prefix_per_row needs prefix_tokens"):
+        Batches(model, corpus, replace(cfg, prefix_tokens=100))  # under a segment: no prefix to read
     with torch.no_grad():
         for row, before, got in zip(ids, prefix, hidden):
             want = forward(model.lm, row[None], ingest(model, before.tolist()).layers, logits=False)[0]
