@@ -131,8 +131,12 @@ class Batches:
         pad = budget - len(s.ids)
         if pad < 0:
             raise ValueError(f"{length} tokens cannot hold a passkey sample; use longer segments")
-        ids = (self.filler * (pad // len(self.filler) + 1))[:pad] + s.ids + s.answer_ids
+        ids = self.filler_tokens(pad) + s.ids + s.answer_ids
         return ids, answer
+
+    def filler_tokens(self, count: int) -> list[int]:
+        """`count` tokens of the passkey's filler text, repeated as needed."""
+        return (self.filler * (count // len(self.filler) + 1))[:count]
 
     def recall_row(self, length: int) -> tuple[list[int], int]:
         """Real text with 1-4 facts written into it, then a question about one of them."""
@@ -185,7 +189,7 @@ class Batches:
         # the language-modelling loss covers the last segments that read the memory
         lm_from = max(self.reach, segments - cfg.lm_segments) * self.n
         before = cfg.prefix_tokens // self.n * self.n  # whole segments
-        own_prefix = cfg.prefix_per_row and before > 0
+        own_prefix = cfg.prefix_per_row  # (__init__ made sure `before` is at least a segment)
         prefixes = []
         for i in range(cfg.batch_size):
             if i < n_lm:
@@ -205,7 +209,7 @@ class Batches:
                 ids, answer = self.passkey_row(length, memory_only or i % 2 == 0)
                 lab = [-100] * (length - answer) + ids[length - answer:]
                 if own_prefix:
-                    prefixes.append((self.filler * (before // len(self.filler) + 1))[:before])
+                    prefixes.append(self.filler_tokens(before))
             rows.append(ids)
             labels.append(lab)
         if before and not own_prefix:
