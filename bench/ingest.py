@@ -15,6 +15,9 @@ depend on the weights. Paths, each in one run on the same GPU:
           started (its first two segments, blocks, an end's powers of two and 3) and
           replayed. Its peak counts the graphs' memory pool, which stays reserved between
           documents (other rows: memory allocated)
+  graph-reused-sdpa  graph-reused with the memory layers' whole segments through torch
+          (SDPA's flash attention, then the memory read and the gate), not the Triton window
+          kernel (before the fourteenth session)
   graph-attn  graph with only the memory layers' blocks compiled
   graph-ieee  graph with the memory's fp32 matmuls in IEEE fp32, not TF32 (before the ninth session)
   fused   graph, with the memory through the Triton kernels
@@ -27,6 +30,7 @@ the GPU time goes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -35,7 +39,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from infini_core import InfiniConfig, convert_to_infini
+from infini_core import InfiniConfig, convert_to_infini, window_kernel
+from infini_core.attention import use_window_kernel
 import infini_core.ingest as infini_ingest
 from infini_core.ingest import BlockGraph, capture_ingest_graphs, ingest
 from infini_core.loading import InfiniModel
@@ -72,21 +77,23 @@ def hf_prefill(base, ids):
         return base.model(input_ids=ids[None], use_cache=False).last_hidden_state
 
 
-# path -> (memory op, CUDA graphs, decoder layers compiled around their attention, TF32 memory matmuls)
-IMPLS = {"naive": ("naive", False, False, True), "chunk": ("chunk", False, False, True),
-         "graph": ("chunk", True, True, True), "graph-reused": ("chunk", True, True, True),
-         "graph-attn": ("chunk", True, False, True), "graph-ieee": ("chunk", True, True, False),
-         "fused": ("fused", True, True, True)}
+# path -> (memory op, CUDA graphs, decoder layers compiled around their attention, TF32 memory
+# matmuls, the Triton window kernel: None where ingest chooses)
+IMPLS = {"naive": ("naive", False, False, True, None), "chunk": ("chunk", False, False, True, None),
+         "graph": ("chunk", True, True, True, None), "graph-reused": ("chunk", True, True, True, None),
+         "graph-reused-sdpa": ("chunk", True, True, True, False),
+         "graph-attn": ("chunk", True, False, True, None), "graph-ieee": ("chunk", True, True, False, None),
+         "fused": ("fused", True, True, True, None)}
 
 
 def our_ingest(model, ids, path, block_segments, warm_up: bool = False):
     """Read ids as a first document (no graphs kept from before), or for graph-reused as a
     later document (the graphs kept from the ones before). With `warm_up`, instead capture
     every graph the path reads through (kernels compiled), as a worker does when it starts."""
-    impl, graphs, BlockGraph.compile_decoder, infini_ingest.TF32_MEMORY = IMPLS[path]
-    if path != "graph-reused":
+    impl, graphs, BlockGraph.compile_decoder, infini_ingest.TF32_MEMORY, window = IMPLS[path]
+    if not path.startswith("graph-reused"):
         model.ingest_graphs = None
-    with use_impl(impl):
+    with use_impl(impl), use_window_kernel(window) if window is not None else contextlib.nullcontext():
         if warm_up:
             return capture_ingest_graphs(model, block_segments) if graphs else None
         return ingest(model, ids, block_segments=block_segments, cuda_graphs=graphs)
@@ -149,11 +156,14 @@ def main() -> None:
     ap.add_argument("--segment-len", type=int, default=512)
     ap.add_argument("--block-tokens", type=int, default=32768, help="tokens per layer-parallel block")
     ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
+    ap.add_argument("--window-tiles", help="the window kernel's tiles, BMxBNxWARPSxSTAGES (bench/window_kernel.py)")
     ap.add_argument("--profile", type=int, default=0, help="profile one path on this many tokens instead")
     ap.add_argument("--profile-path", default="graph", choices=sorted(IMPLS))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
+    if args.window_tiles:
+        window_kernel.TILES.update(zip(("BM", "BN", "num_warps", "num_stages"), map(int, args.window_tiles.split("x"))))
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")).to("cuda", torch.bfloat16).eval()
     lm = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=args.segment_len, rule=args.rule))
@@ -173,7 +183,8 @@ def main() -> None:
     rows, out = [], open(args.out / "ingest.jsonl", "w")
 
     def record(**row):
-        row.update(gpu=gpu, rule=args.rule, segment_len=args.segment_len, torch=torch.__version__)
+        row.update(gpu=gpu, rule=args.rule, segment_len=args.segment_len, torch=torch.__version__,
+                   window_tiles=dict(window_kernel.TILES))
         rows.append(row)
         out.write(json.dumps(row) + "\n")
         out.flush()
@@ -214,9 +225,10 @@ def main() -> None:
                 record(path=path, tokens=n, error=f"not run beyond {longest} tokens (too slow)")
                 continue
             blocks = 1 if path == "naive" else block_segments
-            if path == "graph-reused":  # a worker: every length's graph captured when it started
+            worker = path.startswith("graph-reused")
+            if worker:  # a worker: every length's graph captured when it started
                 our_ingest(model, None, path, blocks, warm_up=True)
-            secs, peak, result = measure(lambda: our_ingest(model, ids, path, blocks), reserved=path == "graph-reused")
+            secs, peak, result = measure(lambda: our_ingest(model, ids, path, blocks), reserved=worker)
             record(path=path, tokens=n, seconds=secs, tokens_per_s=n / secs, peak_gib=peak)
             if path == "graph":  # the product's path: its snapshot is the one answered from
                 state = result

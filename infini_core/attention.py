@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .memory import RULES, chosen_impl, feature_map, infini_memory, memory_read, memory_update
+from .memory.chunk import chunk_states
 from .memory.naive import group_queries
 from .state import LayerState
 
@@ -330,7 +331,7 @@ class InfiniAttention(nn.Module):
 
     def _block(self, state: LayerState, x: torch.Tensor) -> torch.Tensor:
         """A block of whole segments, from the layer's input to its output (`attend_block`)."""
-        spec, cos, sin = self._block_spec(state, x)
+        spec, cos, sin = self._block_spec(state, x, x.shape[1])
         run = _block_version(attend_block, spec)
         out, window_k, window_v, memory = run(self, spec, x, cos, sin, *self._block_state(state))
         self._after_block(state, x.shape[1], window_k, window_v, memory)
@@ -339,18 +340,21 @@ class InfiniAttention(nn.Module):
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         """S whole segments starting at a segment boundary, each attending to itself (and
         its predecessor with xl_window) as one batch, the memory through the dispatch op."""
-        spec, cos, sin = self._block_spec(state, q)
+        spec, cos, sin = self._block_spec(state, q, q.shape[2])
         out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk,
                                                            *self._block_state(state))
         n = self.config.segment_len
         self._after_block(state, q.shape[2], k[:, :, -n:], v[:, :, -n:], memory)
         return out
 
-    def _block_spec(self, state: LayerState, like: torch.Tensor):
+    def _block_spec(self, state: LayerState, like: torch.Tensor, tokens: int):
         cfg = self.config
-        window = state.sink_k.shape[2] + (2 if cfg.xl_window else 1) * cfg.segment_len
+        impl = chosen_impl()
+        kernel = impl == "chunk" and window_kernel_applies(like, self.head_dim, tokens // cfg.segment_len, cfg)
+        # (the window kernel rotates queries one segment further for the segment before)
+        window = state.sink_k.shape[2] + (2 + kernel if cfg.xl_window else 1) * cfg.segment_len
         spec = BlockSpec(cfg.segment_len, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling,
-                         self.n_kv_heads, chosen_impl())
+                         self.n_kv_heads, impl, kernel)
         return spec, *self._rope.get(window, like, self.layer_type)
 
     @staticmethod
@@ -406,6 +410,7 @@ class BlockSpec:
     scaling: float
     kv_heads: int
     impl: str  # of the memory op
+    window_kernel: bool = False  # local attention, read and gate in one Triton kernel (ingest)
 
 
 def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sink_v, win_k, win_v,
@@ -413,6 +418,19 @@ def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sin
     """Local attention and memory of S whole segments (q, k, v, mq, mk: [B, H, S*N, D], all
     past the lag, so none reads an empty memory), gated together; and the memory after them
     (M, z, M_next, z_next). Tensors in, tensors out: torch.compile takes it whole."""
+    if spec.window_kernel:
+        from .window_kernel import fused_whole_segments
+
+        n, p = spec.segment_len, sink_k.shape[2]
+        own = p + n if spec.xl_window else p  # window position of a segment's first token
+        keys, values = (torch.cat([win_k, k], 2), torch.cat([win_v, v], 2)) if spec.xl_window else (k, v)
+        # every key rotated once, at its place in its own segment's window (the kernel moves
+        # the queries for the keys of the segment before)
+        keys = rotate(keys.unflatten(2, (-1, n)), cos[own:own + n], sin[own:own + n]).flatten(2, 3)
+        reads_M, reads_z, memory = _block_memory(spec, mk, v, M, z, M_next, z_next)
+        out = fused_whole_segments(q, keys, values, mq, rotate(sink_k, cos[:p], sin[:p]), sink_v, cos, sin,
+                                   reads_M, reads_z, gate, spec.scaling, n, spec.xl_window)
+        return out, memory
     b, hq, t, d = q.shape
     n, s = spec.segment_len, t // spec.segment_len
 
@@ -440,6 +458,20 @@ def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sin
     else:
         mem, (M, z) = infini_memory(mq, mk, v, n, spec.rule, (M, z), impl=spec.impl)
     return gate_mix(local, mem, gate), (M, z, M_next, z_next)
+
+
+def _block_memory(spec: BlockSpec, mk, v, M, z, M_next, z_next):
+    """The memory each of S whole segments reads (M [B, Hkv, S, D, D], z [B, Hkv, S, D]), as
+    the torch path of `whole_segments` reads it, and the memory after them."""
+    n = spec.segment_len
+    if not spec.lagged:
+        reads_M, reads_z, (M, z) = chunk_states(mk, v, n, spec.rule, (M, z))
+        return reads_M, reads_z, (M, z, M_next, z_next)
+    # segment 0 reads (M, z); segment i > 0 what (M_next, z_next) holds after segments 0..i-2
+    lagged_M, lagged_z, (M_end, z_end) = chunk_states(mk[:, :, :-n], v[:, :, :-n], n, spec.rule, (M_next, z_next))
+    reads_M, reads_z = torch.cat([M.unsqueeze(2), lagged_M], 2), torch.cat([z.unsqueeze(2), lagged_z], 2)
+    M_next, z_next = memory_update(M_end, z_end, feature_map(mk[:, :, -n:]), v[:, :, -n:], spec.rule)
+    return reads_M, reads_z, (M_end, z_end, M_next, z_next)
 
 
 def attend_block(attn: InfiniAttention, spec: BlockSpec, x, cos, sin, *state: torch.Tensor):
@@ -491,6 +523,48 @@ def local_attention(q, k, v, cos, sin, scaling: float, groups: int, sink_tokens:
     # dense mask, but not with grouped heads, so those are expanded
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scaling)
+
+
+_window_kernel: bool | None = None  # set by use_window_kernel
+
+
+@contextmanager
+def use_window_kernel(enabled: bool):
+    """Force the Triton window kernel on (tests: also on CPU under TRITON_INTERPRET=1) or off
+    (benchmarks: the torch path) for whole segments read without gradients."""
+    global _window_kernel
+    before, _window_kernel = _window_kernel, enabled
+    try:
+        yield
+    finally:
+        _window_kernel = before
+
+
+def forced_window_kernel() -> bool | None:
+    """What `use_window_kernel` forces (None: the default choice)."""
+    return _window_kernel
+
+
+# blocks shorter than this read faster through the torch path (docs/benchmarks.md, fourteenth session)
+WINDOW_KERNEL_MIN_SEGMENTS = 16
+
+
+def window_kernel_applies(like: torch.Tensor, head_dim: int, segments: int, config: InfiniConfig) -> bool:
+    """Whether a block of `segments` whole segments like `like` takes the Triton window
+    kernel: it has no backward, and by default runs only on CUDA in 16-bit (fp32 reads stay
+    the accuracy reference), for blocks long enough to gain, and where it builds and runs
+    (tried once, never while a CUDA graph is being captured: a worker's warm-up read comes
+    first)."""
+    if torch.is_grad_enabled() or head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
+        return False
+    if _window_kernel is not None:
+        return _window_kernel
+    if not (like.is_cuda and like.dtype in (torch.bfloat16, torch.float16) and segments >= WINDOW_KERNEL_MIN_SEGMENTS):
+        return False
+    from .window_kernel import kernel_works
+
+    return kernel_works(like.device, like.dtype, head_dim, config.segment_len, config.xl_window,
+                        may_try=not torch.cuda.is_current_stream_capturing())
 
 
 _compiling_blocks = False  # inside compiled_blocks

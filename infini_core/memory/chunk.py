@@ -28,14 +28,33 @@ def chunk_infini_memory(
 ) -> tuple[torch.Tensor, MemoryTensors]:
     b, hkv, t, dk = k.shape
     hq, dv = q.shape[1], v.shape[-1]
-    M0, z0 = initial_state if initial_state is not None else empty_memory(k, dv)
     if t == 0:
+        M0, z0 = initial_state if initial_state is not None else empty_memory(k, dv)
         return q.new_zeros(b, hq, 0, dv), (M0, z0)
+    n = segment_len
+    s = -(-t // n)
+    M_before, z_before, final = chunk_states(k, v, n, rule, initial_state)
+    sq = F.pad(feature_map(q), (0, 0, 0, s * n - t)).view(b, hkv, hq // hkv, s, n, dk)
+    out = memory_read(sq, M_before.unsqueeze(2), z_before.unsqueeze(2))
+    return out.reshape(b, hq, s * n, dv)[:, :, :t].to(q.dtype), final
+
+
+def chunk_states(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_len: int,
+    rule: str = "linear",
+    initial_state: MemoryTensors | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, MemoryTensors]:
+    """The memory each segment of k, v reads, before its own write (M [B, H, S, Dk, Dv],
+    z [B, H, S, Dk]), and the final state (t >= 1 tokens)."""
+    b, hkv, t, dk = k.shape
+    dv = v.shape[-1]
+    M0, z0 = initial_state if initial_state is not None else empty_memory(k, dv)
     n = segment_len
     s = -(-t // n)
     pad = s * n - t
     # padding after the feature map: padded keys are 0 and write nothing
-    sq = F.pad(feature_map(q), (0, 0, 0, pad)).view(b, hkv, hq // hkv, s, n, dk)
     sk = F.pad(feature_map(k), (0, 0, 0, pad)).view(b, hkv, s, n, dk)
     vf = F.pad(v.float(), (0, 0, 0, pad)).view(b, hkv, s, n, dv)
 
@@ -57,9 +76,7 @@ def chunk_infini_memory(
 
     # segment i reads the state after segment i - 1
     M_before = torch.cat([M0.unsqueeze(2), M_after[:, :, :-1]], 2)
-    out = memory_read(sq, M_before.unsqueeze(2), z_before.unsqueeze(2))
-    out = out.reshape(b, hq, s * n, dv)[:, :, :t]
-    return out.to(q.dtype), (M_after[:, :, -1], z_after[:, :, -1])
+    return M_before, z_before, (M_after[:, :, -1], z_after[:, :, -1])
 
 
 def _scan(decay: torch.Tensor, writes: torch.Tensor) -> torch.Tensor:

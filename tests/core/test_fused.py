@@ -1,4 +1,6 @@
-"""The Triton kernels (fused.py) against naive.py: outputs, final state, gradients.
+"""The Triton kernels against their references: the memory op (fused.py) against naive.py
+(outputs, final state, gradients), and the window kernel (window_kernel.py) against the
+torch path of a memory layer's whole segments.
 
 Without a GPU the kernels run on CPU under TRITON_INTERPRET=1 (slow: shapes stay small).
 With one, the same comparisons run compiled on cuda, plus one longer input.
@@ -224,3 +226,158 @@ def test_long_input_on_gpu(rule, dk):
     torch.testing.assert_close(z2, z1, atol=1e-2, rtol=1e-5)
     for name, a, b_ in zip("q k v M0 z0".split(), g1, g2):
         torch.testing.assert_close(b_.float(), a.float(), atol=5e-2, rtol=2e-2, msg=lambda m: f"grad {name}: {m}")
+
+
+# -- the window kernel: local attention, memory read and gate of whole segments -------------
+
+from infini_core.attention import BlockSpec, use_window_kernel, whole_segments  # noqa: E402
+
+WINDOW_CASES = [  # (batch, q heads, kv heads, segment length, segments, head_dim, sinks, xl window)
+    (2, 6, 2, 24, 3, 16, 4, True),   # GQA 3:1; 24 queries: a whole and a partial tile of 16
+    (2, 6, 2, 24, 3, 16, 4, False),  # the paper's window: the segment alone (with sinks)
+    (1, 4, 4, 40, 2, 32, 0, True),   # no grouping, no sinks
+    (1, 3, 1, 8, 4, 16, 3, True),    # segments shorter than one tile
+    (1, 6, 2, 32, 3, 16, 4, True),   # segments of whole tiles (no masks but the diagonal's)
+]
+
+
+def window_inputs(b, hq, hkv, n, s, d, p, xl, dtype, seed=0):
+    """whole_segments' arguments after the spec: projections in their [B, T, H, D] layout
+    viewed as heads, a memory that is not empty, RoPE of the window's positions (and a
+    segment more, as the kernel asks), open gates."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+    t = n * s
+    q, mq = (rand(b, t, hq, d, scale=c).transpose(1, 2) for c in (1.0, 0.5))
+    k, v, mk = (rand(b, t, hkv, d, scale=c).transpose(1, 2) for c in (1.0, 1.0, 0.5))
+    angles = torch.arange(p + (3 if xl else 1) * n)[:, None] / 100 ** (torch.arange(d // 2) / (d // 2))
+    angles = torch.cat([angles, angles], -1)
+    memory = [torch.rand(*shape, generator=g).to(DEVICE) + c for shape, c in
+              (((b, hkv, d, d), 0), ((b, hkv, d), 1), ((b, hkv, d, d), 0), ((b, hkv, d), 1))]
+    return (rand(hq, scale=2.0), angles.cos().to(DEVICE, dtype), angles.sin().to(DEVICE, dtype), q, k, v, mq, mk,
+            rand(b, hkv, p, d), rand(b, hkv, p, d), rand(b, hkv, n, d), rand(b, hkv, n, d), *memory)
+
+
+@kernels
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_kernel_matches_the_torch_path(case, dtype, rule):
+    """Outputs (local attention with RoPE over sinks, previous segment and causal segment;
+    the memory read; the gate) and the memory after the block."""
+    b, hq, hkv, n, s, d, p, xl = case
+    args = window_inputs(b, hq, hkv, n, s, d, p, xl, dtype)
+    results = []
+    for kernel in (False, True):
+        spec = BlockSpec(n, rule, xl, xl, d ** -0.5, hkv, "chunk", kernel)
+        with torch.no_grad():
+            results.append(whole_segments(spec, *args))
+    (ref, ref_memory), (got, got_memory) = results
+    assert got.shape == ref.shape == (b, hq, n * s, d) and got.dtype == dtype
+    # o_proj's layout without a copy
+    assert got.transpose(1, 2).is_contiguous()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    for a, b_ in zip(got_memory, ref_memory):
+        torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
+
+
+@kernels
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_window_kernel_reads_a_document_as_the_torch_path_does(arch):
+    """A converted model with open gates reads a document of several blocks to the same
+    logits and state with the kernel as without."""
+    from infini_core import InfiniConfig, convert_to_infini
+    from infini_core.stream import forward, new_layer_states
+    from tests.tiny_models import VOCAB, tiny_model
+
+    model = convert_to_infini(tiny_model(arch), InfiniConfig(segment_len=16, gate_init=0.0)).to(DEVICE)
+    x = torch.randint(0, VOCAB, (1, 16 * 7 + 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    read = []
+    for kernel in (False, True):
+        states = new_layer_states(model)
+        with torch.no_grad(), use_window_kernel(kernel):
+            read.append((forward(model, x, states), states))
+    (ref, ref_states), (got, got_states) = read
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    for a, b_ in zip(got_states, ref_states):
+        if b_.M is not None:
+            torch.testing.assert_close(a.M, b_.M, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(a.M_next, b_.M_next, atol=1e-4, rtol=1e-5)
+
+
+def test_window_kernel_only_where_it_applies():
+    """Not with gradients (it has no backward), not for head sizes it cannot tile, and by
+    default only for 16-bit tensors on CUDA."""
+    from infini_core.attention import window_kernel_applies
+
+    from infini_core import InfiniConfig
+    from infini_core.attention import WINDOW_KERNEL_MIN_SEGMENTS as LONG
+
+    x = torch.zeros(1, device=DEVICE, dtype=torch.bfloat16)
+    cfg = InfiniConfig()
+    with torch.no_grad():
+        assert window_kernel_applies(x, 64, LONG, cfg) == CUDA
+        assert not window_kernel_applies(x, 64, LONG - 1, cfg)  # (a short block: the torch path is faster)
+        assert not window_kernel_applies(x.float(), 64, LONG, cfg)
+        assert not window_kernel_applies(x, 80, LONG, cfg) and not window_kernel_applies(x, 256, LONG, cfg)
+        with use_window_kernel(True):
+            assert window_kernel_applies(x.float(), 16, 2, cfg)
+        with use_window_kernel(False):
+            assert not window_kernel_applies(x, 64, LONG, cfg)
+    with use_window_kernel(True):
+        assert not window_kernel_applies(x, 64, LONG, cfg)  # (gradients on)
+
+
+@kernels
+def test_a_kernel_that_does_not_build_leaves_the_torch_path(monkeypatch, caplog):
+    """Tried once per device and shape: where it runs it is taken, where triton fails to
+    build or launch it the reads go on through the torch path, with a warning."""
+    from infini_core import window_kernel
+
+    monkeypatch.setattr(window_kernel, "_works", {})
+    assert window_kernel.kernel_works(torch.device(DEVICE), torch.float32, 16, 16, True)
+    assert not window_kernel.kernel_works(torch.device(DEVICE), torch.float32, 32, 16, True, may_try=False)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of resource: shared memory")
+
+    monkeypatch.setattr(window_kernel._segments_kernel, "run", fails)
+    assert not window_kernel.kernel_works(torch.device(DEVICE), torch.float32, 32, 16, True)
+    assert "does not run here" in caplog.text and "shared memory" in caplog.text
+    assert window_kernel.kernel_works(torch.device(DEVICE), torch.float32, 16, 16, True)  # (kept from before)
+
+
+@pytest.mark.skipif(not CUDA, reason="ingest's CUDA graphs need a GPU")
+def test_window_kernel_in_ingest_graphs_reads_as_the_torch_path(tmp_path):
+    """In bf16 on CUDA, ingest (compiled blocks replayed from CUDA graphs) takes the window
+    kernel by default; a document read so ends in the state, and gives the next-token
+    logits, that the torch path's read gives, to bf16's precision."""
+    from infini_core import InfiniConfig
+    from infini_core.attention import WINDOW_KERNEL_MIN_SEGMENTS, window_kernel_applies
+    from infini_core.ingest import ingest
+    from infini_core.loading import load_model
+    from infini_core.stream import continue_stream
+    from tests.tiny_models import save_tiny_checkpoint
+
+    def next_logits(state):
+        with torch.no_grad():
+            return continue_stream(model, state.clone(), [5, 6, 7])[0, -1].float()
+
+    model = load_model(save_tiny_checkpoint(tmp_path), infini=InfiniConfig(segment_len=16, gate_init=0.0),
+                       device="cuda", dtype=torch.bfloat16)
+    blocks = WINDOW_KERNEL_MIN_SEGMENTS  # (the shortest the default takes the kernel for)
+    ids = torch.randint(0, 100, ((2 + 3 * blocks) * 16 + 5,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        assert window_kernel_applies(torch.zeros(1, device="cuda", dtype=torch.bfloat16), 16, blocks, model.config)
+    with use_window_kernel(False):
+        ref = ingest(model, ids, block_segments=blocks, cuda_graphs=True)
+        ref_logits = next_logits(ref)
+    got = ingest(model, ids, block_segments=blocks, cuda_graphs=True)
+    for a, b_ in zip(got.layers, ref.layers):
+        if b_.M is not None:
+            for name in ("M", "z", "M_next", "z_next"):
+                x, y = getattr(a, name), getattr(b_, name)
+                assert (x - y).abs().max() <= 2e-2 * y.abs().max(), name
+    torch.testing.assert_close(next_logits(got), ref_logits, atol=0.1, rtol=0.05)
+
