@@ -7,7 +7,8 @@ read denominators, which depend only on z (itself a prefix sum). So M_s = A_s M_
 with A_s = I - sigma(K)^T D sigma(K) and B_s = sigma(K)^T V, all built at once; the
 recurrence is an associative scan over (A, B) pairs in log2(segments) batched steps
 instead of one small sequential update per segment.
-Same contract and results as `naive.naive_infini_memory`.
+Same contract and results as `naive.naive_infini_memory`. `chunk_states` is the states
+alone, for readers of their own (the window kernel reads them in its epilogue).
 """
 
 from __future__ import annotations
