@@ -163,7 +163,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     if args.window_tiles:
-        window_kernel.TILES.update(zip(("BM", "BN", "num_warps", "num_stages"), map(int, args.window_tiles.split("x"))))
+        window_kernel.set_tiles(args.window_tiles)
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")).to("cuda", torch.bfloat16).eval()
     lm = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=args.segment_len, rule=args.rule))
@@ -184,7 +184,7 @@ def main() -> None:
 
     def record(**row):
         row.update(gpu=gpu, rule=args.rule, segment_len=args.segment_len, torch=torch.__version__,
-                   window_tiles=dict(window_kernel.TILES))
+                   window_tiles=window_kernel.tiles_text())
         rows.append(row)
         out.write(json.dumps(row) + "\n")
         out.flush()

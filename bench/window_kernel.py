@@ -27,10 +27,6 @@ from infini_core.attention import BlockSpec, _block_memory, _compiled_steps, _co
 HQ, HKV, D, N, SINKS = 9, 3, 64, 512, 4
 
 
-def tile_name() -> str:
-    t = window_kernel.TILES
-    return f"{t['BM']}x{t['BN']}x{t['num_warps']}x{t['num_stages']}"
-
 
 def replay_ms(fn, repeats: int = 50) -> float:
     """Milliseconds per call of fn, captured once in a CUDA graph and replayed."""
@@ -93,42 +89,38 @@ def main() -> None:
         out.flush()
         print(json.dumps(row), flush=True)
 
-    def kernel_ms(segments, inputs, tiles=None):
-        spec = BlockSpec(N, "delta", True, True, D ** -0.5, HKV, "chunk", True)
+    def timed(segments, inputs, kernel: bool):
+        """whole_segments' result, through the kernel or the torch path, and its time recorded."""
+        spec = BlockSpec(N, "delta", True, True, D ** -0.5, HKV, "chunk", kernel)
         run = _compiled_version(whole_segments)
-        try:
-            run(spec, *inputs)
-            record(segments, path="window kernel", tiles=tile_name(), ms=replay_ms(lambda: run(spec, *inputs)))
-        except Exception as error:  # (a tile that does not fit the card's shared memory)
-            record(segments, path="window kernel", tiles=tiles, error=str(error)[:200])
+        result = run(spec, *inputs)
+        record(segments, path="window kernel" if kernel else "torch path (SDPA)",
+               tiles=window_kernel.tiles_text() if kernel else None, ms=replay_ms(lambda: run(spec, *inputs)))
+        return result
 
     sizes = [int(x) for x in args.segments.split(",")]
     with torch.no_grad():
         for segments in sizes:
             inputs = block_inputs(segments)
-            results = []
-            for kernel in (False, True):
-                spec = BlockSpec(N, "delta", True, True, D ** -0.5, HKV, "chunk", kernel)
-                run = _compiled_version(whole_segments)
-                results.append(run(spec, *inputs))
-                record(segments, path="window kernel" if kernel else "torch path (SDPA)",
-                       tiles=tile_name() if kernel else None, ms=replay_ms(lambda: run(spec, *inputs)))
-            (ref, ref_memory), (got, got_memory) = results
+            (ref, ref_memory), (got, got_memory) = (timed(segments, inputs, kernel) for kernel in (False, True))
             diff = (got.float() - ref.float()).abs()
             record(segments, path="window kernel vs torch path", max_abs_diff=diff.max().item(),
                    mean_abs_diff=diff.mean().item(), mean_abs=ref.float().abs().mean().item(),
                    memory_max_rel_diff=max(((a - b).abs().max() / b.abs().max()).item()
                                            for a, b in zip(got_memory, ref_memory)))
+            spec = BlockSpec(N, "delta", True, True, D ** -0.5, HKV, "chunk", True)
             _, _, _, _, _, v, _, mk, _, _, _, _, M, z, M_next, z_next = inputs
             record(segments, path="the block's memory states (compiled)", ms=replay_ms(
                 lambda: _compiled_version(_block_memory)(spec, mk, v, M, z, M_next, z_next)))
         inputs = block_inputs(sizes[0])
         for tiles in filter(None, args.tiles.split(",")):
-            bm, bn, warps, stages = (int(x) for x in tiles.split("x"))
-            window_kernel.TILES.update(BM=bm, BN=bn, num_warps=warps, num_stages=stages)
+            window_kernel.set_tiles(tiles)
             torch._dynamo.reset()  # (the tiles are read when whole_segments is compiled)
             _compiled_steps.clear()
-            kernel_ms(sizes[0], inputs, tiles)
+            try:
+                timed(sizes[0], inputs, True)
+            except Exception as error:  # (a tile that does not fit the card's shared memory)
+                record(sizes[0], path="window kernel", tiles=tiles, error=str(error)[:200])
     out.close()
     lines = [f"GPU: {gpu}. Blocks of segments of {N} tokens, default model's shapes, bf16.", "",
              "| segments | what | tiles (BM x BN x warps x stages) | ms per block |", "|---|---|---|---|"]

@@ -33,6 +33,16 @@ log = logging.getLogger(__name__)
 TILES = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}
 
 
+def tiles_text() -> str:
+    """TILES as benchmarks name them: BM x BN x warps x stages."""
+    return "x".join(str(TILES[name]) for name in ("BM", "BN", "num_warps", "num_stages"))
+
+
+def set_tiles(text: str) -> None:
+    """TILES from `tiles_text`'s form, "64x64x4x3" (benchmarks try others)."""
+    TILES.update(zip(("BM", "BN", "num_warps", "num_stages"), map(int, text.split("x"))))
+
+
 @triton.jit
 def _rotated(base, rows, ok, stride_t, cos, sin, pos, D: tl.constexpr):
     """RoPE (half-split layout: x * cos + [-x2, x1] * sin) of `rows` of one head, at window
