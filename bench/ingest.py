@@ -45,6 +45,7 @@ import infini_core.ingest as infini_ingest
 from infini_core.ingest import BlockGraph, capture_ingest_graphs, ingest
 from infini_core.loading import InfiniModel
 from infini_core.memory import use_impl
+from infini_core.memory.scan_kernel import SCAN_TILES
 from infini_core.prompt_graph import capture_prompt_graphs, prompt_logits
 from infini_core.state import MemoryState
 from infini_core.stream import continue_stream
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=32768, help="tokens per layer-parallel block")
     ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
     ap.add_argument("--window-tiles", help="the window kernel's tiles, BMxBNxWARPSxSTAGES (bench/window_kernel.py)")
+    ap.add_argument("--scan-tiles", help="the memory scan's tiles, COLUMNSxROWSxPARTSxWARPS (bench/window_kernel.py)")
     ap.add_argument("--profile", type=int, default=0, help="profile one path on this many tokens instead")
     ap.add_argument("--profile-path", default="graph", choices=sorted(IMPLS))
     args = ap.parse_args()
@@ -164,6 +166,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     if args.window_tiles:
         window_kernel.set_tiles(args.window_tiles)
+    if args.scan_tiles:
+        window_kernel.set_tiles(args.scan_tiles, SCAN_TILES)
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa")).to("cuda", torch.bfloat16).eval()
     lm = convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=args.segment_len, rule=args.rule))
@@ -184,7 +188,7 @@ def main() -> None:
 
     def record(**row):
         row.update(gpu=gpu, rule=args.rule, segment_len=args.segment_len, torch=torch.__version__,
-                   window_tiles=window_kernel.tiles_text())
+                   window_tiles=window_kernel.tiles_text(), scan_tiles=window_kernel.tiles_text(SCAN_TILES))
         rows.append(row)
         out.write(json.dumps(row) + "\n")
         out.flush()

@@ -1,16 +1,17 @@
 """A memory layer's whole segments, one block: the torch path against the Triton window kernel.
 
-    python bench/window_kernel.py --out OUT/window [--segments 64,16,8,4,2] [--tiles 128x64x4x3,64x64x4x3]
+    python bench/window_kernel.py --out OUT/window [--segments 64,16,8,4,2] [--tiles 128x64x4x3,64x64x4x3] \
+        [--scan-tiles 16x64x1x4,16x64x4x4]
 
 The default model's shapes (9 query heads over 3 KV heads, head_dim 64, segments of 512,
 4 sinks, the XL window, delta rule), random bf16 inputs, on CUDA: `whole_segments` as
 ingest runs it (compiled, TF32 memory matmuls, replayed from a CUDA graph) with the torch
 path (SDPA over padded windows, then the memory read and the gate) and with the window
-kernel, and the block's memory states alone (what both paths compute before their reads),
-for blocks of each --segments; then the kernel's path at the first of them with each of
---tiles (BM x BN x warps x stages). Writes
-OUT/window_kernel.jsonl and OUT/window_kernel.md, with how far the kernel's output is from
-the torch path's.
+kernel, and the block's memory states alone (what both paths compute before their reads:
+the torch path's chunk scan, the kernel's path the Triton scan with each of
+--scan-tiles), for blocks of each --segments; then the kernel's path at the first of
+them with each of --tiles (BM x BN x warps x stages). Writes OUT/window_kernel.jsonl and
+OUT/window_kernel.md, with how far the kernel's output is from the torch path's.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 
 from infini_core import window_kernel
 from infini_core.attention import BlockSpec, _block_memory, _compiled_steps, _compiled_version, whole_segments
+from infini_core.memory.scan_kernel import SCAN_TILES
+from infini_core.memory.chunk import chunk_states
 
 HQ, HKV, D, N, SINKS = 9, 3, 64, 512, 4
-
 
 
 def replay_ms(fn, repeats: int = 50) -> float:
@@ -76,6 +78,8 @@ def main() -> None:
     ap.add_argument("--segments", default="64", help="segments per block, comma-separated (ingest's blocks: 64, "
                     "then 32 down to 2 at a document's end)")
     ap.add_argument("--tiles", default="", help="tiles to time at the first --segments, comma-separated")
+    ap.add_argument("--scan-tiles", default=window_kernel.tiles_text(SCAN_TILES),
+                    help="the memory scan's tiles to time (columns x rows x parts x warps), comma-separated")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -99,6 +103,7 @@ def main() -> None:
         return result
 
     sizes = [int(x) for x in args.segments.split(",")]
+    scan_tiles, kept = args.scan_tiles.split(","), window_kernel.tiles_text(SCAN_TILES)
     with torch.no_grad():
         for segments in sizes:
             inputs = block_inputs(segments)
@@ -108,10 +113,18 @@ def main() -> None:
                    mean_abs_diff=diff.mean().item(), mean_abs=ref.float().abs().mean().item(),
                    memory_max_rel_diff=max(((a - b).abs().max() / b.abs().max()).item()
                                            for a, b in zip(got_memory, ref_memory)))
-            spec = BlockSpec(N, "delta", True, True, D ** -0.5, HKV, "chunk", True)
             _, _, _, _, _, v, _, mk, _, _, _, _, M, z, M_next, z_next = inputs
-            record(segments, path="the block's memory states (compiled)", ms=replay_ms(
-                lambda: _compiled_version(_block_memory)(spec, mk, v, M, z, M_next, z_next)))
+            states = torch.compile(chunk_states)  # (inside the torch path's memory op)
+            record(segments, path="memory states: chunk scan (torch)",
+                   ms=replay_ms(lambda: states(mk, v, N, "delta", (M_next, z_next))))
+            spec = BlockSpec(N, "delta", True, True, D ** -0.5, HKV, "chunk", True)
+            for tiles in scan_tiles:  # the window kernel's blocks: the Triton scan
+                window_kernel.set_tiles(tiles, SCAN_TILES)
+                _compiled_steps.clear()
+                torch._dynamo.reset()  # (the tiles are read when _block_memory is compiled)
+                record(segments, path="memory states: Triton scan", tiles=tiles, ms=replay_ms(
+                    lambda: _compiled_version(_block_memory)(spec, mk, v, M, z, M_next, z_next)))
+            window_kernel.set_tiles(kept, SCAN_TILES)
         inputs = block_inputs(sizes[0])
         for tiles in filter(None, args.tiles.split(",")):
             window_kernel.set_tiles(tiles)
@@ -123,7 +136,8 @@ def main() -> None:
                 record(sizes[0], path="window kernel", tiles=tiles, error=str(error)[:200])
     out.close()
     lines = [f"GPU: {gpu}. Blocks of segments of {N} tokens, default model's shapes, bf16.", "",
-             "| segments | what | tiles (BM x BN x warps x stages) | ms per block |", "|---|---|---|---|"]
+             "| segments | what | tiles (window: BM x BN x warps x stages; scan: columns x rows x parts x warps) "
+             "| ms per block |", "|---|---|---|---|"]
     for r in rows:
         if "ms" in r:
             lines.append(f"| {r['segments']} | {r['path']} | {r.get('tiles') or '-'} | {r['ms']:.3f} |")

@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from .memory import RULES, chosen_impl, feature_map, infini_memory, memory_read, memory_update
-from .memory.chunk import chunk_states
 from .memory.naive import group_queries
 from .state import LayerState
 
@@ -331,7 +330,7 @@ class InfiniAttention(nn.Module):
 
     def _block(self, state: LayerState, x: torch.Tensor) -> torch.Tensor:
         """A block of whole segments, from the layer's input to its output (`attend_block`)."""
-        spec, cos, sin = self._block_spec(state, x, x.shape[1])
+        spec, cos, sin = self._block_spec(state, x)
         run = _block_version(attend_block, spec)
         out, window_k, window_v, memory = run(self, spec, x, cos, sin, *self._block_state(state))
         self._after_block(state, x.shape[1], window_k, window_v, memory)
@@ -340,17 +339,17 @@ class InfiniAttention(nn.Module):
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         """S whole segments starting at a segment boundary, each attending to itself (and
         its predecessor with xl_window) as one batch, the memory through the dispatch op."""
-        spec, cos, sin = self._block_spec(state, q, q.shape[2])
+        spec, cos, sin = self._block_spec(state, q)
         out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk,
                                                            *self._block_state(state))
         n = self.config.segment_len
         self._after_block(state, q.shape[2], k[:, :, -n:], v[:, :, -n:], memory)
         return out
 
-    def _block_spec(self, state: LayerState, like: torch.Tensor, tokens: int):
+    def _block_spec(self, state: LayerState, like: torch.Tensor):
         cfg = self.config
         impl = chosen_impl()
-        kernel = impl == "chunk" and window_kernel_applies(like, self.head_dim, tokens // cfg.segment_len, cfg)
+        kernel = impl == "chunk" and window_kernel_applies(like, self.head_dim, cfg)
         # (the window kernel rotates queries one segment further for the segment before)
         window = state.sink_k.shape[2] + (2 + kernel if cfg.xl_window else 1) * cfg.segment_len
         spec = BlockSpec(cfg.segment_len, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling,
@@ -462,16 +461,16 @@ def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sin
 
 def _block_memory(spec: BlockSpec, mk, v, M, z, M_next, z_next):
     """The memory each of S whole segments reads (M [B, Hkv, S, D, D], z [B, Hkv, S, D]), as
-    the torch path of `whole_segments` reads it, and the memory after them."""
+    the torch path of `whole_segments` reads it, and the memory after them: the Triton scan
+    of the window kernel's blocks."""
+    from .memory.scan_kernel import scan_states
+
     n = spec.segment_len
-    if not spec.lagged:
-        reads_M, reads_z, (M, z) = chunk_states(mk, v, n, spec.rule, (M, z))
-        return reads_M, reads_z, (M, z, M_next, z_next)
-    # segment 0 reads (M, z); segment i > 0 what (M_next, z_next) holds after segments 0..i-2
-    lagged_M, lagged_z, (M_end, z_end) = chunk_states(mk[:, :, :-n], v[:, :, :-n], n, spec.rule, (M_next, z_next))
-    reads_M, reads_z = torch.cat([M.unsqueeze(2), lagged_M], 2), torch.cat([z.unsqueeze(2), lagged_z], 2)
-    M_next, z_next = memory_update(M_end, z_end, feature_map(mk[:, :, -n:]), v[:, :, -n:], spec.rule)
-    return reads_M, reads_z, (M_end, z_end, M_next, z_next)
+    if spec.lagged:  # all S segments written into (M_next, z_next), the first reading (M, z)
+        reads_M, reads_z, after_M, after_z = scan_states(mk, v, n, spec.rule, (M_next, z_next), lead=(M, z))
+        return reads_M, reads_z, (after_M[:, :, 0], after_z[:, :, 0], after_M[:, :, 1], after_z[:, :, 1])
+    reads_M, reads_z, after_M, after_z = scan_states(mk, v, n, spec.rule, (M, z))
+    return reads_M, reads_z, (after_M[:, :, 0], after_z[:, :, 0], M_next, z_next)
 
 
 def attend_block(attn: InfiniAttention, spec: BlockSpec, x, cos, sin, *state: torch.Tensor):
@@ -545,21 +544,17 @@ def forced_window_kernel() -> bool | None:
     return _window_kernel
 
 
-# blocks shorter than this read faster through the torch path (docs/benchmarks.md, fourteenth session)
-WINDOW_KERNEL_MIN_SEGMENTS = 16
-
-
-def window_kernel_applies(like: torch.Tensor, head_dim: int, segments: int, config: InfiniConfig) -> bool:
-    """Whether a block of `segments` whole segments like `like` takes the Triton window
-    kernel: it has no backward, and by default runs only on CUDA in 16-bit (fp32 reads stay
-    the accuracy reference), for blocks long enough to gain, and where it builds and runs
-    (tried once, never while a CUDA graph is being captured: a worker's warm-up read comes
-    first)."""
+def window_kernel_applies(like: torch.Tensor, head_dim: int, config: InfiniConfig) -> bool:
+    """Whether whole segments like `like` take the Triton window kernel (and the memory scan
+    beside it): it has no backward, and by default runs only on CUDA in 16-bit (fp32 reads
+    stay the accuracy reference; blocks of every length gain, docs/benchmarks.md, fifteenth
+    session), where it builds and runs (tried once, never while a CUDA graph is being
+    captured: a worker's warm-up read comes first)."""
     if torch.is_grad_enabled() or head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
         return False
     if _window_kernel is not None:
         return _window_kernel
-    if not (like.is_cuda and like.dtype in (torch.bfloat16, torch.float16) and segments >= WINDOW_KERNEL_MIN_SEGMENTS):
+    if not (like.is_cuda and like.dtype in (torch.bfloat16, torch.float16)):
         return False
     from .window_kernel import kernel_works
 

@@ -357,7 +357,9 @@ class BlockGraph:
         """Read the next block into `layers`, whose tensors then are this graph's buffers."""
         if not self.first:  # (a state from elsewhere, a loaded snapshot say, moves in)
             move_into(self.buffers, layers)
-        self.ids.copy_(torch.tensor([ids]))
+        # from pinned memory, without waiting: the copy waits on the GPU for the block before
+        # (a plain copy would keep the CPU waiting for it, and the GPU then for the CPU)
+        self.ids.copy_(torch.tensor([ids]).pin_memory(), non_blocking=True)
         self.graph.replay()
         for layer, buffers in zip(layers, self.buffers):
             for name, buffer in buffers.items():

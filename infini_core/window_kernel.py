@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .memory.naive import EPS
+from .memory.scan_kernel import scan_states
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +34,35 @@ log = logging.getLogger(__name__)
 TILES = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}
 
 
-def tiles_text() -> str:
-    """TILES as benchmarks name them: BM x BN x warps x stages."""
-    return "x".join(str(TILES[name]) for name in ("BM", "BN", "num_warps", "num_stages"))
+def tiles_text(tiles: dict = TILES) -> str:
+    """Tiles as benchmarks name them, their values in order: TILES as BM x BN x warps x
+    stages, "64x64x4x3" (and the memory scan's SCAN_TILES)."""
+    return "x".join(map(str, tiles.values()))
 
 
-def set_tiles(text: str) -> None:
-    """TILES from `tiles_text`'s form, "64x64x4x3" (benchmarks try others)."""
-    TILES.update(zip(("BM", "BN", "num_warps", "num_stages"), map(int, text.split("x"))))
+def set_tiles(text: str, tiles: dict = TILES) -> None:
+    """Tiles from `tiles_text`'s form (benchmarks try others)."""
+    tiles.update(zip(tiles, map(int, text.split("x"))))
 
 
 @triton.jit
-def _rotated(base, rows, ok, stride_t, cos, sin, pos, D: tl.constexpr):
-    """RoPE (half-split layout: x * cos + [-x2, x1] * sin) of `rows` of one head, at window
-    positions `pos`, in fp32. The partner half is loaded a second time (it is in cache)
-    rather than split, so that tl.dot gets the whole head_dim as one operand."""
+def _halves(base, rows, ok, stride_t, D: tl.constexpr):
+    """`rows` of one head (x) and the same rows with their halves swapped (the partner of
+    each element in RoPE's half-split layout), in fp32. The partner half is loaded a
+    second time (it is in cache) rather than split, so that tl.dot gets the whole head_dim
+    as one operand."""
     d = tl.arange(0, D)
-    partner = (d + D // 2) % D
-    sign = tl.where(d < D // 2, -1.0, 1.0)
     at = base + rows[:, None] * stride_t
     x = tl.load(at + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    xp = tl.load(at + partner[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    xp = tl.load(at + ((d + D // 2) % D)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    return x, xp
+
+
+@triton.jit
+def _rotated(x, xp, ok, cos, sin, pos, D: tl.constexpr):
+    """RoPE (x * cos + [-x2, x1] * sin) of `_halves`' rows at window positions `pos`."""
+    d = tl.arange(0, D)
+    sign = tl.where(d < D // 2, -1.0, 1.0)
     c = tl.load(cos + pos[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     s = tl.load(sin + pos[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     return x * c + sign[None, :] * xp * s
@@ -62,8 +71,9 @@ def _rotated(base, rows, ok, stride_t, cos, sin, pos, D: tl.constexpr):
 @triton.jit
 def _attend(q, k_at, v_at, stride_t, cols, ok, visible, m_i, l_i, acc, qk_scale,
             D: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
-    """Keys `cols` (rows of k_at, v_at) into the online softmax (scores in base 2). Without
-    MASKED every key is there and visible to every query (no masks to compute)."""
+    """Keys `cols` (rows of k_at, v_at) into the online softmax (scores in base 2, m_i of
+    the scaled scores). Without MASKED every key is there and visible to every query (no
+    masks to compute)."""
     d = tl.arange(0, D)
     at = cols[:, None] * stride_t + d[None, :]
     if MASKED:
@@ -72,15 +82,16 @@ def _attend(q, k_at, v_at, stride_t, cols, ok, visible, m_i, l_i, acc, qk_scale,
     else:
         k = tl.load(k_at + at).to(q.dtype)
         v = tl.load(v_at + at).to(q.dtype)
-    # (.to: compiled by torch.compile, a float argument may come in as fp64)
-    scores = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale).to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32)
     if MASKED:
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # the scale applied in the exponent's multiply-add, not as a pass of its own
+    m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    p = tl.exp2(scores * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
+    # (the product accumulates into acc: no second accumulator)
+    acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -110,8 +121,9 @@ def _segments_kernel(
         dtype = tl.float32
     else:
         dtype = q.dtype.element_ty
-    q_at = q + b * q_sb + h * q_sh + start * q_st
-    qr = _rotated(q_at, rows, row_ok, q_st, cos, sin, own + rows, D).to(dtype)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # (compiled by torch.compile, it may come in as fp64)
+    x, xp = _halves(q + b * q_sb + h * q_sh + start * q_st, rows, row_ok, q_st, D)
+    qr = _rotated(x, xp, row_ok, cos, sin, own + rows, D).to(dtype)
     m_i = tl.full([BM], -1e30, tl.float32)  # finite: a block with no visible key adds nothing
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
@@ -130,7 +142,7 @@ def _segments_kernel(
     if XL:
         # the previous segment's keys sit N positions before where they were rotated:
         # RoPE sees only differences, so the queries are rotated N positions further instead
-        q_prev = _rotated(q_at, rows, row_ok, q_st, cos, sin, own + N + rows, D).to(dtype)
+        q_prev = _rotated(x, xp, row_ok, cos, sin, own + N + rows, D).to(dtype)
         for j0 in range(0, N, BN):
             cols = j0 + tl.arange(0, BN)
             ok = cols < N
@@ -225,9 +237,10 @@ _works: dict[tuple, bool] = {}  # what `kernel_works` found, per device and shap
 
 def kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int, segment_len: int, xl_window: bool,
                  may_try: bool = True) -> bool:
-    """Whether the kernel builds and runs here for these shapes, tried once per process on a
-    block of two segments: on a GPU that Triton cannot build it for (too little shared
-    memory for its tiles, say), documents read through the torch path rather than fail.
+    """Whether the kernel (and the memory scan beside it, `scan_states`) builds and runs
+    here for these shapes, tried once per process on a block of two segments: on a GPU
+    that Triton cannot build them for (too little shared memory for its tiles, say),
+    documents read through the torch path rather than fail.
     Without `may_try` (while a CUDA graph is captured) an untried kernel counts as not working."""
     key = (str(device), dtype, head_dim, segment_len, xl_window)
     if key not in _works:
@@ -236,6 +249,7 @@ def kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int, segmen
         n, p = segment_len, 4
         rand = lambda *shape: torch.randn(*shape, device=device).to(dtype)
         keys = 3 * n if xl_window else 2 * n
+        memory = (torch.rand(1, 1, head_dim, head_dim, device=device), torch.rand(1, 1, head_dim, device=device) + 1)
         try:
             out = fused_whole_segments(
                 rand(1, 1, 2 * n, head_dim), rand(1, 1, keys, head_dim), rand(1, 1, keys, head_dim),
@@ -243,7 +257,10 @@ def kernel_works(device: torch.device, dtype: torch.dtype, head_dim: int, segmen
                 rand(p + 3 * n, head_dim), rand(p + 3 * n, head_dim),
                 torch.rand(1, 1, 2, head_dim, head_dim, device=device), torch.rand(1, 1, 2, head_dim, device=device) + 1,
                 rand(1), head_dim ** -0.5, n, xl_window)
-            _works[key] = bool(torch.isfinite(out).all())
+            reads_M, _, after_M, _ = scan_states(rand(1, 1, 2 * n, head_dim), rand(1, 1, 2 * n, head_dim), n, "delta",
+                                                 memory, lead=memory)
+            _works[key] = bool(torch.isfinite(out).all() and torch.isfinite(reads_M).all()
+                               and torch.isfinite(after_M).all())
         except Exception as error:  # (triton's compiler and driver raise many kinds)
             log.warning("the Triton window kernel does not run here (%s: %s); reading with the torch path",
                         type(error).__name__, error)

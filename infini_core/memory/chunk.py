@@ -8,7 +8,8 @@ with A_s = I - sigma(K)^T D sigma(K) and B_s = sigma(K)^T V, all built at once; 
 recurrence is an associative scan over (A, B) pairs in log2(segments) batched steps
 instead of one small sequential update per segment.
 Same contract and results as `naive.naive_infini_memory`. `chunk_states` is the states
-alone, for readers of their own (the window kernel reads them in its epilogue).
+alone; for the window kernel's blocks (ingest, no gradients) the Triton scan of
+`scan_kernel.py` computes the same states faster.
 """
 
 from __future__ import annotations

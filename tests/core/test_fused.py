@@ -282,6 +282,61 @@ def test_window_kernel_matches_the_torch_path(case, dtype, rule):
         torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
 
 
+SCAN_CASES = [  # (batch, kv heads, segment length, segments, Dk, Dv, dtype)
+    (2, 3, 24, 5, 16, 32, torch.float32),  # a segment of a whole and a partial row tile; Dk != Dv
+    (1, 1, 8, 1, 16, 16, torch.float32),  # one segment, shorter than a tile
+    (1, 2, 64, 4, 64, 64, torch.bfloat16),  # the model's head size, 16-bit keys and values
+]
+
+
+@kernels
+@pytest.mark.parametrize("tiles", ["16x64x1x4", "16x16x3x4"], ids=["whole", "parts"])  # (parts: rows split)
+@pytest.mark.parametrize("lead", [False, True], ids=["unlagged", "lagged"])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("case", SCAN_CASES, ids=str)
+def test_scan_states_are_the_states_segment_by_segment(case, rule, lead, tiles, monkeypatch):
+    """The scan beside the window kernel against naive.py's update, one segment at a time:
+    the states the segments read (with a lead, the lagged memory's: the lead, then what the
+    segments before the last wrote) and the memory after the block; a segment's
+    transitions summed whole or in parts."""
+    from infini_core.memory import scan_kernel
+    from infini_core.memory.naive import feature_map, memory_update
+    from infini_core.memory.scan_kernel import scan_states
+    from infini_core.window_kernel import set_tiles
+
+    monkeypatch.setattr(scan_kernel, "SCAN_TILES", dict(scan_kernel.SCAN_TILES))
+    set_tiles(tiles, scan_kernel.SCAN_TILES)
+
+    b, h, n, s, dk, dv, dtype = case
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(b, h, n * s, d, generator=g).to(DEVICE, dtype) for d in (dk, dv))
+    start, other = ((torch.rand(b, h, dk, dv, generator=g).to(DEVICE), torch.rand(b, h, dk, generator=g).to(DEVICE) + 1)
+                    for _ in range(2))
+    states = [other] if lead else []
+    M, z = start
+    states.append((M, z))
+    for i in range(s):
+        seg = slice(i * n, (i + 1) * n)
+        M, z = memory_update(M, z, feature_map(k[:, :, seg]), v[:, :, seg], rule)
+        states.append((M, z))
+    with torch.no_grad():
+        reads_M, reads_z, after_M, after_z = scan_states(k, v, n, rule, start, other if lead else None)
+    assert reads_M.shape == (b, h, s, dk, dv) and after_M.shape == (b, h, 1 + lead, dk, dv)
+    want_M = torch.stack([M for M, _ in states], 2)
+    want_z = torch.stack([z for _, z in states], 2)
+    torch.testing.assert_close(torch.cat([reads_M, after_M], 2), want_M, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([reads_z, after_z], 2), want_z, atol=1e-4, rtol=1e-5)
+
+
+def test_scan_states_reject_what_they_cannot_scan():
+    from infini_core.memory.scan_kernel import scan_states
+
+    x, memory = torch.zeros(1, 1, 32, 16), (torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16))
+    for k, n, rule in ((x, 12, "delta"), (x, 64, "delta"), (x, 16, "sum"), (torch.zeros(1, 1, 32, 24), 16, "delta")):
+        with pytest.raises(ValueError):
+            scan_states(k, x, n, rule, memory)
+
+
 @kernels
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_window_kernel_reads_a_document_as_the_torch_path_does(arch):
@@ -309,31 +364,31 @@ def test_window_kernel_reads_a_document_as_the_torch_path_does(arch):
 def test_window_kernel_only_where_it_applies():
     """Not with gradients (it has no backward), not for head sizes it cannot tile, and by
     default only for 16-bit tensors on CUDA."""
-    from infini_core.attention import window_kernel_applies
-
     from infini_core import InfiniConfig
-    from infini_core.attention import WINDOW_KERNEL_MIN_SEGMENTS as LONG
+    from infini_core.attention import window_kernel_applies
 
     x = torch.zeros(1, device=DEVICE, dtype=torch.bfloat16)
     cfg = InfiniConfig()
     with torch.no_grad():
-        assert window_kernel_applies(x, 64, LONG, cfg) == CUDA
-        assert not window_kernel_applies(x, 64, LONG - 1, cfg)  # (a short block: the torch path is faster)
-        assert not window_kernel_applies(x.float(), 64, LONG, cfg)
-        assert not window_kernel_applies(x, 80, LONG, cfg) and not window_kernel_applies(x, 256, LONG, cfg)
+        assert window_kernel_applies(x, 64, cfg) == CUDA
+        assert not window_kernel_applies(x.float(), 64, cfg)
+        assert not window_kernel_applies(x, 80, cfg) and not window_kernel_applies(x, 256, cfg)
         with use_window_kernel(True):
-            assert window_kernel_applies(x.float(), 16, 2, cfg)
+            assert window_kernel_applies(x.float(), 16, cfg)
         with use_window_kernel(False):
-            assert not window_kernel_applies(x, 64, LONG, cfg)
+            assert not window_kernel_applies(x, 64, cfg)
     with use_window_kernel(True):
-        assert not window_kernel_applies(x, 64, LONG, cfg)  # (gradients on)
+        assert not window_kernel_applies(x, 64, cfg)  # (gradients on)
 
 
 @kernels
-def test_a_kernel_that_does_not_build_leaves_the_torch_path(monkeypatch, caplog):
-    """Tried once per device and shape: where it runs it is taken, where triton fails to
-    build or launch it the reads go on through the torch path, with a warning."""
+@pytest.mark.parametrize("failing", ["window", "scan"])
+def test_a_kernel_that_does_not_build_leaves_the_torch_path(failing, monkeypatch, caplog):
+    """Tried once per device and shape: where the window kernel and the scan beside it run
+    they are taken, where triton fails to build or launch either the reads go on through
+    the torch path, with a warning."""
     from infini_core import window_kernel
+    from infini_core.memory import scan_kernel
 
     monkeypatch.setattr(window_kernel, "_works", {})
     assert window_kernel.kernel_works(torch.device(DEVICE), torch.float32, 16, 16, True)
@@ -342,7 +397,7 @@ def test_a_kernel_that_does_not_build_leaves_the_torch_path(monkeypatch, caplog)
     def fails(*args, **kwargs):
         raise RuntimeError("out of resource: shared memory")
 
-    monkeypatch.setattr(window_kernel._segments_kernel, "run", fails)
+    monkeypatch.setattr(window_kernel._segments_kernel if failing == "window" else scan_kernel._scan_kernel, "run", fails)
     assert not window_kernel.kernel_works(torch.device(DEVICE), torch.float32, 32, 16, True)
     assert "does not run here" in caplog.text and "shared memory" in caplog.text
     assert window_kernel.kernel_works(torch.device(DEVICE), torch.float32, 16, 16, True)  # (kept from before)
@@ -354,7 +409,7 @@ def test_window_kernel_in_ingest_graphs_reads_as_the_torch_path(tmp_path):
     kernel by default; a document read so ends in the state, and gives the next-token
     logits, that the torch path's read gives, to bf16's precision."""
     from infini_core import InfiniConfig
-    from infini_core.attention import WINDOW_KERNEL_MIN_SEGMENTS, window_kernel_applies
+    from infini_core.attention import window_kernel_applies
     from infini_core.ingest import ingest
     from infini_core.loading import load_model
     from infini_core.stream import continue_stream
@@ -366,10 +421,10 @@ def test_window_kernel_in_ingest_graphs_reads_as_the_torch_path(tmp_path):
 
     model = load_model(save_tiny_checkpoint(tmp_path), infini=InfiniConfig(segment_len=16, gate_init=0.0),
                        device="cuda", dtype=torch.bfloat16)
-    blocks = WINDOW_KERNEL_MIN_SEGMENTS  # (the shortest the default takes the kernel for)
+    blocks = 4
     ids = torch.randint(0, 100, ((2 + 3 * blocks) * 16 + 5,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
-        assert window_kernel_applies(torch.zeros(1, device="cuda", dtype=torch.bfloat16), 16, blocks, model.config)
+        assert window_kernel_applies(torch.zeros(1, device="cuda", dtype=torch.bfloat16), 16, model.config)
     with use_window_kernel(False):
         ref = ingest(model, ids, block_segments=blocks, cuda_graphs=True)
         ref_logits = next_logits(ref)
