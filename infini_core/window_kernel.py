@@ -12,7 +12,8 @@ pass over the block (docs/benchmarks.md, fourteenth session).
 Layout of the work: one program per (segment, block of BM queries, batch and query head).
 It walks the window's keys in blocks of BN with an online softmax (the sinks, then the
 previous segment, then its own segment up to its last query), then reads the memory the
-segment reads (M, z given per segment) and mixes the two by the head's gate.
+segment reads (M, z given per segment: `memory.scan_kernel.scan_states` computes them)
+and mixes the two by the head's gate.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .memory.naive import EPS
-from .memory.scan_kernel import scan_states
+from .memory.scan_kernel import fp32_dot_precision, scan_states
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,6 @@ def fused_whole_segments(q, k, v, mq, sink_k, sink_v, cos, sin, M, z, gate,
     bm = min(TILES["BM"], max(16, triton.next_power_of_2(n) // 2))
     bn = min(TILES["BN"], bm)
     fp32 = q.dtype == torch.float32
-    # the memory read in TF32 where torch's fp32 matmuls are (ingest's), as the torch path's
-    memory_precision = "ieee" if torch.get_float32_matmul_precision() == "highest" or torch.version.hip else "tf32"
     grid = (s * triton.cdiv(n, bm), b * hq)
     _segments_kernel[grid](
         q, k, v, mq, sink_k, sink_v, cos, sin, M, z, gate, out,
@@ -226,7 +225,7 @@ def fused_whole_segments(q, k, v, mq, sink_k, sink_v, cos, sin, M, z, gate,
         k.stride(0), k.stride(1), k.stride(2), sink_k.stride(0), sink_k.stride(1), sink_k.stride(2),
         n, s, p, hq, hq // hkv, scaling * math.log2(math.e), EPS,
         D=d, BM=bm, BN=bn, BP=max(16, triton.next_power_of_2(p)), XL=xl_window, EVEN=n % bn == 0,
-        PRECISION="ieee" if fp32 else "tf32", MEMORY_PRECISION=memory_precision, DOT_F32=not q.is_cuda,
+        PRECISION="ieee" if fp32 else "tf32", MEMORY_PRECISION=fp32_dot_precision(q), DOT_F32=not q.is_cuda,
         num_warps=TILES["num_warps"], num_stages=TILES["num_stages"],
     )
     return out.transpose(1, 2)

@@ -33,6 +33,14 @@ from .naive import EPS, RULES, MemoryTensors, feature_map
 SCAN_TILES = {"columns": 16, "rows": 64, "parts": 1, "warps": 4}
 
 
+def fp32_dot_precision(like: torch.Tensor) -> str:
+    """tl.dot's precision for fp32 operands, as torch runs its fp32 matmuls: TF32 where it
+    allows them (ingest's memory matmuls, `ingest.TF32_MEMORY`), else IEEE (also on AMD,
+    which has no TF32 here, and on the CPU)."""
+    tf32 = like.is_cuda and not torch.version.hip and torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
+
+
 @triton.jit
 def _transitions_kernel(
     k, v, z, writes, grams,
@@ -150,8 +158,7 @@ def scan_states(
     grams = torch.empty(b, h, s, parts, dk, dk, dtype=torch.float32, device=k.device) if delta else writes.new_empty(0)
     reads = torch.empty(b, h, s, dk, dv, dtype=torch.float32, device=k.device)
     after = torch.empty(b, h, 1 + with_lead, dk, dv, dtype=torch.float32, device=k.device)
-    precision = "ieee" if (not k.is_cuda or torch.version.hip
-                           or torch.get_float32_matmul_precision() == "highest") else "tf32"
+    precision = fp32_dot_precision(k)
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
     _transitions_kernel[(s * parts, b * h)](

@@ -1,6 +1,7 @@
 """The Triton kernels against their references: the memory op (fused.py) against naive.py
-(outputs, final state, gradients), and the window kernel (window_kernel.py) against the
-torch path of a memory layer's whole segments.
+(outputs, final state, gradients), the window kernel (window_kernel.py) against the torch
+path of a memory layer's whole segments, and the memory scan beside it (scan_kernel.py)
+against naive.py's update, segment by segment.
 
 Without a GPU the kernels run on CPU under TRITON_INTERPRET=1 (slow: shapes stay small).
 With one, the same comparisons run compiled on cuda, plus one longer input.
