@@ -61,7 +61,7 @@ def _transitions_kernel(
     v_at = v + b * v_sb + h * v_sh
     for c in range(part * PART, tl.minimum((part + 1) * PART, N), BT):
         rows = c + tl.arange(0, BT)
-        ok = (rows < N) & (rows < (part + 1) * PART)
+        ok = rows < N  # (a part is whole tiles of rows: only the segment's end cuts one)
         t = s.to(tl.int64) * N + rows
         x = tl.load(k_at + t[:, None] * k_st + dk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         # sigma = elu + 1 as naive.py rounds it; rows past the segment are 0 and write nothing
