@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=32768, help="tokens per layer-parallel block")
     ap.add_argument("--rule", default="linear", choices=["linear", "delta"])
     ap.add_argument("--window-tiles", help="the window kernel's tiles, BMxBNxWARPSxSTAGES (bench/window_kernel.py)")
-    ap.add_argument("--scan-tiles", help="the memory scan's tiles, COLUMNSxROWSxPARTSxWARPS (bench/window_kernel.py)")
+    ap.add_argument("--scan-tiles", help="the memory scan's tiles, COLUMNSxROWSxWARPS (bench/window_kernel.py)")
     ap.add_argument("--profile", type=int, default=0, help="profile one path on this many tokens instead")
     ap.add_argument("--profile-path", default="graph", choices=sorted(IMPLS))
     args = ap.parse_args()

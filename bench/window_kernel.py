@@ -1,7 +1,7 @@
 """A memory layer's whole segments, one block: the torch path against the Triton window kernel.
 
     python bench/window_kernel.py --out OUT/window [--segments 64,16,8,4,2] [--tiles 128x64x4x3,64x64x4x3] \
-        [--scan-tiles 16x64x1x4,16x64x4x4]
+        [--scan-tiles 16x64x4,32x64x4]
 
 The default model's shapes (9 query heads over 3 KV heads, head_dim 64, segments of 512,
 4 sinks, the XL window, delta rule), random bf16 inputs, on CUDA: `whole_segments` as
@@ -79,7 +79,7 @@ def main() -> None:
                     "then 32 down to 2 at a document's end)")
     ap.add_argument("--tiles", default="", help="tiles to time at the first --segments, comma-separated")
     ap.add_argument("--scan-tiles", default=window_kernel.tiles_text(SCAN_TILES),
-                    help="the memory scan's tiles to time (columns x rows x parts x warps), comma-separated")
+                    help="the memory scan's tiles to time (columns x rows x warps), comma-separated")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -136,7 +136,7 @@ def main() -> None:
                 record(sizes[0], path="window kernel", tiles=tiles, error=str(error)[:200])
     out.close()
     lines = [f"GPU: {gpu}. Blocks of segments of {N} tokens, default model's shapes, bf16.", "",
-             "| segments | what | tiles (window: BM x BN x warps x stages; scan: columns x rows x parts x warps) "
+             "| segments | what | tiles (window: BM x BN x warps x stages; scan: columns x rows x warps) "
              "| ms per block |", "|---|---|---|---|"]
     for r in rows:
         if "ms" in r:

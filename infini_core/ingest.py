@@ -359,7 +359,7 @@ class BlockGraph:
             move_into(self.buffers, layers)
         # from pinned memory, without waiting: the copy waits on the GPU for the block before
         # (a plain copy would keep the CPU waiting for it, and the GPU then for the CPU)
-        self.ids.copy_(torch.tensor([ids]).pin_memory(), non_blocking=True)
+        self.ids.copy_(torch.tensor([ids], pin_memory=True), non_blocking=True)
         self.graph.replay()
         for layer, buffers in zip(layers, self.buffers):
             for name, buffer in buffers.items():

@@ -10,11 +10,9 @@ The states: X_0 the memory before the block, then per segment s
     delta:  X_{s+1} = X_s + W_s - G_s X_s
 with W_s = sigma(K_s)^T V_s and G_s = sigma(K_s)^T D_s sigma(K_s), D_s the reciprocals of
 the read denominators sigma(K_s) z_s (chunk.py's A_s = I - G_s). z is a prefix sum.
-- `_transitions_kernel`, one program per (segment, part of its rows, batch and head), all
-  at once: each part's sums of W_s and G_s.
+- `_transitions_kernel`, one program per (segment, batch and head), all at once: W_s, G_s.
 - `_scan_kernel`, one program per (batch and head, block of value columns): the
-  recurrence, a [Dk, Dk] x [Dk, BV] product per segment (columns of M are independent),
-  adding up the parts as it goes.
+  recurrence, a [Dk, Dk] x [Dk, BV] product per segment (columns of M are independent).
 """
 
 from __future__ import annotations
@@ -26,11 +24,11 @@ import triton.language as tl
 from .naive import EPS, RULES, MemoryTensors, feature_map
 
 # columns: value columns per scan program (more programs for the sequential part); rows:
-# a transition program's rows at a time; parts: programs per segment's transitions (their
-# sums added up by the scan); warps: of a transition program. The fastest of those
-# bench/window_kernel.py timed on an H200 (docs/benchmarks.md, fifteenth session). In this
-# order in benchmarks' text form (window_kernel.tiles_text): "16x64x1x4"
-SCAN_TILES = {"columns": 16, "rows": 64, "parts": 1, "warps": 4}
+# a transition program's rows at a time; warps: of a transition program. The fastest of
+# those bench/window_kernel.py timed on an H200 (docs/benchmarks.md, fifteenth session;
+# splitting a segment's rows over more programs was slower). In this order in benchmarks'
+# text form (window_kernel.tiles_text): "16x64x4"
+SCAN_TILES = {"columns": 16, "rows": 64, "warps": 4}
 
 
 def fp32_dot_precision(like: torch.Tensor) -> str:
@@ -45,11 +43,10 @@ def fp32_dot_precision(like: torch.Tensor) -> str:
 def _transitions_kernel(
     k, v, z, writes, grams,
     k_sb, k_sh, k_st, v_sb, v_sh, v_st, z_sbh,
-    H, N, S, LEAD, PART, EPS: tl.constexpr, PARTS: tl.constexpr,
+    H, N, S, LEAD, EPS: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, DELTA: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    s = tl.program_id(0) // PARTS
-    part = tl.program_id(0) % PARTS  # rows part * PART up to (part + 1) * PART of the segment
+    s = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # int64: offsets of long inputs pass 2**31
     b, h = bh // H, bh % H
     dk = tl.arange(0, DK)
@@ -59,9 +56,9 @@ def _transitions_kernel(
     gram = tl.zeros([DK, DK], tl.float32)
     k_at = k + b * k_sb + h * k_sh
     v_at = v + b * v_sb + h * v_sh
-    for c in range(part * PART, tl.minimum((part + 1) * PART, N), BT):
+    for c in range(0, N, BT):
         rows = c + tl.arange(0, BT)
-        ok = rows < N  # (a part is whole tiles of rows: only the segment's end cuts one)
+        ok = rows < N
         t = s.to(tl.int64) * N + rows
         x = tl.load(k_at + t[:, None] * k_st + dk[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         # sigma = elu + 1 as naive.py rounds it; rows past the segment are 0 and write nothing
@@ -74,7 +71,7 @@ def _transitions_kernel(
             # an empty memory reads 0: such rows write their value whole
             inv = tl.where(den > 0, 1.0 / tl.maximum(den, EPS), 0.0)
             gram += tl.dot(tl.trans(sk), sk * inv[:, None], input_precision=PRECISION)
-    step = (bh * S + s) * PARTS + part
+    step = bh * S + s
     tl.store(writes + step * DK * DV + dk[:, None] * DV + dv[None, :], w)
     if DELTA:
         tl.store(grams + step * DK * DK + dk[:, None] * DK + dk[None, :], gram)
@@ -83,7 +80,7 @@ def _transitions_kernel(
 @triton.jit
 def _scan_kernel(
     m0, lead, writes, grams, reads, after, S,
-    LEAD: tl.constexpr, PARTS: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    LEAD: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
     DELTA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
@@ -101,14 +98,10 @@ def _scan_kernel(
     else:
         tl.store(after_at + (LEAD - S) * DK * DV, M)
     for s in range(S):
-        step = (bh * S + s) * PARTS
+        step = bh * S + s
         w = tl.load(writes + step * DK * DV + at)
-        for part in tl.static_range(1, PARTS):
-            w += tl.load(writes + (step + part) * DK * DV + at)
         if DELTA:
             gram = tl.load(grams + step * DK * DK + dk[:, None] * DK + dk[None, :])
-            for part in tl.static_range(1, PARTS):
-                gram += tl.load(grams + (step + part) * DK * DK + dk[:, None] * DK + dk[None, :])
             M = M - tl.dot(gram, M, input_precision=PRECISION) + w
         else:
             M = M + w
@@ -151,25 +144,22 @@ def scan_states(
         z = torch.cat([lead[1].float().unsqueeze(2), z], 2)
     z = z.contiguous()
     delta = rule == "delta"
-    rows, parts = min(SCAN_TILES["rows"], max(16, triton.next_power_of_2(n))), SCAN_TILES["parts"]
-    part = triton.cdiv(triton.cdiv(n, parts), rows) * rows  # (whole tiles of rows)
-    parts = triton.cdiv(n, part)
-    writes = torch.empty(b, h, s, parts, dk, dv, dtype=torch.float32, device=k.device)
-    grams = torch.empty(b, h, s, parts, dk, dk, dtype=torch.float32, device=k.device) if delta else writes.new_empty(0)
+    writes = torch.empty(b, h, s, dk, dv, dtype=torch.float32, device=k.device)
+    grams = torch.empty(b, h, s, dk, dk, dtype=torch.float32, device=k.device) if delta else writes.new_empty(0)
     reads = torch.empty(b, h, s, dk, dv, dtype=torch.float32, device=k.device)
     after = torch.empty(b, h, 1 + with_lead, dk, dv, dtype=torch.float32, device=k.device)
     precision = fp32_dot_precision(k)
     k = k if k.stride(-1) == 1 else k.contiguous()
     v = v if v.stride(-1) == 1 else v.contiguous()
-    _transitions_kernel[(s * parts, b * h)](
+    _transitions_kernel[(s, b * h)](
         k, v, z, writes, grams, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        z.stride(1), h, n, s, int(with_lead), part, EPS,
-        PARTS=parts, DK=dk, DV=dv, BT=rows, DELTA=delta, PRECISION=precision, num_warps=SCAN_TILES["warps"],
+        z.stride(1), h, n, s, int(with_lead), EPS,
+        DK=dk, DV=dv, BT=min(SCAN_TILES["rows"], max(16, triton.next_power_of_2(n))), DELTA=delta, PRECISION=precision, num_warps=SCAN_TILES["warps"],
     )
     bv = min(SCAN_TILES["columns"], dv)
     M_lead = lead[0].float().contiguous() if with_lead else M0
     _scan_kernel[(b * h, dv // bv)](
         M0, M_lead, writes, grams, reads, after, s,
-        LEAD=int(with_lead), PARTS=parts, DK=dk, DV=dv, BV=bv, DELTA=delta, PRECISION=precision,
+        LEAD=int(with_lead), DK=dk, DV=dv, BV=bv, DELTA=delta, PRECISION=precision,
     )
     return reads, z[:, :, :s], after, z[:, :, s:]

@@ -291,15 +291,15 @@ SCAN_CASES = [  # (batch, kv heads, segment length, segments, Dk, Dv, dtype)
 
 
 @kernels
-@pytest.mark.parametrize("tiles", ["16x64x1x4", "16x16x3x4"], ids=["whole", "parts"])  # (parts: rows split)
+@pytest.mark.parametrize("tiles", ["16x64x4", "32x16x4"], ids=["default", "short-rows"])  # (rows: a segment in steps)
 @pytest.mark.parametrize("lead", [False, True], ids=["unlagged", "lagged"])
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("case", SCAN_CASES, ids=str)
 def test_scan_states_are_the_states_segment_by_segment(case, rule, lead, tiles, monkeypatch):
     """The scan beside the window kernel against naive.py's update, one segment at a time:
     the states the segments read (with a lead, the lagged memory's: the lead, then what the
-    segments before the last wrote) and the memory after the block; a segment's
-    transitions summed whole or in parts."""
+    segments before the last wrote) and the memory after the block; a segment's rows
+    read in one tile or in several."""
     from infini_core.memory import scan_kernel
     from infini_core.memory.naive import feature_map, memory_update
     from infini_core.memory.scan_kernel import scan_states
