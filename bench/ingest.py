@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--scan-tiles", help="the memory scan's tiles, COLUMNSxROWSxWARPS (bench/window_kernel.py)")
     ap.add_argument("--profile", type=int, default=0, help="profile one path on this many tokens instead")
     ap.add_argument("--profile-path", default="graph", choices=sorted(IMPLS))
+    ap.add_argument("--graph-costs", action="store_true", help="instead time each of a worker's graphs")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -178,6 +179,9 @@ def main() -> None:
     if args.profile:
         (args.out / "profile.md").write_text(profile_ingest(model, args.profile, block_segments, gpu, args.rule,
                                                                   args.profile_path))
+        return
+    if args.graph_costs:
+        (args.out / "graph_costs.md").write_text(graph_costs(model, block_segments, gpu, args.rule))
         return
     lengths = [int(x) for x in args.lengths.split(",")]
     asked = args.paths.split(",")
@@ -304,6 +308,37 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
     for e in ops:
         lines.append(f"| `{e.key[:90]}` | {e.count} | {e.self_cpu_time_total / 1e3:,.1f} | "
                      f"{getattr(e, 'self_device_time_total', 0) / 1e3:,.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def graph_costs(model, block_segments: int, device_name: str, rule: str, repeats: int = 20) -> str:
+    """A markdown table of what one replay of each of a worker's ingest graphs costs: its
+    time, and how many kernels it runs for how long (a short document reads through
+    several graphs, and each runs every layer's kernels again)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    our_ingest(model, None, "graph-reused", block_segments, warm_up=True)
+    lines = [f"One replay of each of a worker's ingest graphs ({device_name}, rule {rule}, blocks of "
+             f"{block_segments} segments): wall time between CUDA events, and its kernels (profiled).", "",
+             "| graph | segments | ms per replay | kernels | kernel ms | ms per segment |", "|---|---|---|---|---|---|"]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for graph in sorted(model.ingest_graphs.graphs.values(), key=lambda g: (not g.first, g.segments)):
+        for _ in range(3):
+            graph.graph.replay()
+        start.record()
+        for _ in range(repeats):
+            graph.graph.replay()
+        end.record()
+        sync()
+        ms = start.elapsed_time(end) / repeats
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.graph.replay()
+            sync()
+        kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
+        count = sum(e.count for e in kernels)
+        kernel_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+        lines.append(f"| {'first' if graph.first else 'block'} | {graph.segments} | {ms:.2f} | {count} | "
+                     f"{kernel_ms:.2f} | {ms / graph.segments:.3f} |")
     return "\n".join(lines) + "\n"
 
 

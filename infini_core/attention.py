@@ -220,6 +220,11 @@ class InfiniAttention(nn.Module):
         n = self.config.segment_len
         outs, start, t = [], 0, q.shape[2]
         while start < t:
+            if start == 0 and t >= 2 * n and self._opens_in_block(state, q):
+                count = t // n * n
+                outs.append(self._whole_segments(state, *(x[:, :, :count] for x in (q, k, v, mq, mk))))
+                start = count
+                continue
             if start == 0 and t >= 2 * n and self._opens_document(state):
                 outs.append(self._first_segments(state, *(x[:, :, :2 * n] for x in (q, k, v, mq, mk))))
                 start = 2 * n
@@ -245,6 +250,14 @@ class InfiniAttention(nn.Module):
         cfg = self.config
         return (state.segments == 0 and state.segment_tokens == 0 and cfg.memory_lag == 1 and cfg.xl_window
                 and not cfg.mix_empty_memory)
+
+    def _opens_in_block(self, state: LayerState, like: torch.Tensor) -> bool:
+        """Whether whole segments like `like` that open a document go through the window
+        kernel as one block, as later blocks do (its first two segments masked as
+        `_first_segments` reads them): a short document's first CUDA graph then is its
+        only one (docs/benchmarks.md, sixteenth session)."""
+        return (self.has_memory and self._opens_document(state) and chosen_impl() == "chunk"
+                and window_kernel_applies(like, self.head_dim, self.config))
 
     def _first_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
         """A document's first two segments at once. Both read an empty memory and each sees
@@ -326,14 +339,15 @@ class InfiniAttention(nn.Module):
         """Whether the input `x` is two or more whole segments past the start (the blocks of
         a long read): `_block` takes it."""
         n, t = self.config.segment_len, x.shape[1]
-        return self.has_memory and self.past_start(state) and t >= 2 * n and t % n == 0
+        return (self.has_memory and t >= 2 * n and t % n == 0
+                and (self.past_start(state) or self._opens_in_block(state, x)))
 
     def _block(self, state: LayerState, x: torch.Tensor) -> torch.Tensor:
         """A block of whole segments, from the layer's input to its output (`attend_block`)."""
         spec, cos, sin = self._block_spec(state, x)
         run = _block_version(attend_block, spec)
-        out, window_k, window_v, memory = run(self, spec, x, cos, sin, *self._block_state(state))
-        self._after_block(state, x.shape[1], window_k, window_v, memory)
+        out, k, v, memory = run(self, spec, x, cos, sin, *self._block_state(state, x))
+        self._after_block(state, spec, k, v, memory)
         return out
 
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
@@ -341,32 +355,53 @@ class InfiniAttention(nn.Module):
         its predecessor with xl_window) as one batch, the memory through the dispatch op."""
         spec, cos, sin = self._block_spec(state, q)
         out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk,
-                                                           *self._block_state(state))
-        n = self.config.segment_len
-        self._after_block(state, q.shape[2], k[:, :, -n:], v[:, :, -n:], memory)
+                                                           *self._block_state(state, q))
+        self._after_block(state, spec, k, v, memory)
         return out
 
     def _block_spec(self, state: LayerState, like: torch.Tensor):
         cfg = self.config
         impl = chosen_impl()
         kernel = impl == "chunk" and window_kernel_applies(like, self.head_dim, cfg)
+        opens = not self.past_start(state)  # (then it opens the document: `_opens_in_block`)
         # (the window kernel rotates queries one segment further for the segment before)
-        window = state.sink_k.shape[2] + (2 + kernel if cfg.xl_window else 1) * cfg.segment_len
+        sinks = self._opening_sinks() if opens else state.sink_k.shape[2]
+        window = sinks + (2 + kernel if cfg.xl_window else 1) * cfg.segment_len
         spec = BlockSpec(cfg.segment_len, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling,
-                         self.n_kv_heads, impl, kernel)
+                         self.n_kv_heads, impl, kernel, opens)
         return spec, *self._rope.get(window, like, self.layer_type)
 
-    @staticmethod
-    def _block_state(state: LayerState) -> tuple:
-        return (state.sink_k, state.sink_v, state.win_k, state.win_v, state.M, state.z, state.M_next, state.z_next)
+    def _opening_sinks(self) -> int:
+        """The sinks a document keeps: its first tokens, up to a segment's."""
+        return min(self.config.sink_tokens, self.config.segment_len)
 
-    def _after_block(self, state: LayerState, tokens: int, window_k, window_v, memory) -> None:
-        """The state after a block: its memory, and its last segment's keys and values as the
-        window."""
+    def _block_state(self, state: LayerState, like: torch.Tensor) -> tuple:
+        """The state tensors a block reads; for a block that opens a document, stand-ins in
+        the shapes they have past the start, so that one compiled version serves both: an
+        empty memory (both the lagged one and the next), and sinks and a window never read
+        (the sinks are the block's own first tokens, and the kernel masks the window), so
+        not even filled: in a short document's one graph, each tensor filled is 30 kernels."""
+        if self.past_start(state):
+            return state.sink_k, state.sink_v, state.win_k, state.win_v, state.M, state.z, state.M_next, state.z_next
+        b, h, d, n = like.shape[0], self.n_kv_heads, self.head_dim, self.config.segment_len
+        keys = partial(torch.empty, dtype=like.dtype, device=like.device)
+        M, z = (torch.zeros(b, h, *size, dtype=torch.float32, device=like.device) for size in ((d, d), (d,)))
+        p = self._opening_sinks()
+        return keys(b, h, p, d), keys(b, h, p, d), keys(b, h, n, d), keys(b, h, n, d), M, z, M, z
+
+    def _after_block(self, state: LayerState, spec: BlockSpec, k, v, memory) -> None:
+        """The state after a block (its keys and values k, v): its memory, its last segment
+        as the window, and for a block that opened the document its first tokens as the
+        sinks."""
+        n = spec.segment_len
         state.M, state.z, state.M_next, state.z_next = memory
-        state.segments += tokens // self.config.segment_len
-        if self.config.xl_window:
-            state.win_k, state.win_v = window_k, window_v
+        state.segments += k.shape[2] // n
+        if spec.xl_window:
+            state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
+        if spec.opens:
+            p = self._opening_sinks()
+            state.sink_k, state.sink_v = k[:, :, :p], v[:, :, :p]
+            state.init(k, v, True, self.config.memory_lag)  # (the empty current segment)
 
 
 @dataclass(frozen=True)
@@ -410,17 +445,23 @@ class BlockSpec:
     kv_heads: int
     impl: str  # of the memory op
     window_kernel: bool = False  # local attention, read and gate in one Triton kernel (ingest)
+    opens: bool = False  # the block opens a document (window kernel only; the state given is zeros)
 
 
 def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sink_v, win_k, win_v,
                    M, z, M_next, z_next):
     """Local attention and memory of S whole segments (q, k, v, mq, mk: [B, H, S*N, D], all
-    past the lag, so none reads an empty memory), gated together; and the memory after them
-    (M, z, M_next, z_next). Tensors in, tensors out: torch.compile takes it whole."""
+    past the lag, so none reads an empty memory; or with `spec.opens` a document's first,
+    read as segment by segment), gated together; and the memory after them (M, z, M_next,
+    z_next). Tensors in, tensors out: torch.compile takes it whole."""
+    if spec.opens and not spec.window_kernel:
+        raise ValueError("only the window kernel reads a document's first segments as a block")
     if spec.window_kernel:
         from .window_kernel import fused_whole_segments
 
         n, p = spec.segment_len, sink_k.shape[2]
+        if spec.opens:  # the sinks are the document's first tokens (`_block_state` gave zeros)
+            sink_k, sink_v = k[:, :, :p], v[:, :, :p]
         own = p + n if spec.xl_window else p  # window position of a segment's first token
         keys, values = (torch.cat([win_k, k], 2), torch.cat([win_v, v], 2)) if spec.xl_window else (k, v)
         # every key rotated once, at its place in its own segment's window (the kernel moves
@@ -428,7 +469,7 @@ def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sin
         keys = rotate(keys.unflatten(2, (-1, n)), cos[own:own + n], sin[own:own + n]).flatten(2, 3)
         reads_M, reads_z, memory = _block_memory(spec, mk, v, M, z, M_next, z_next)
         out = fused_whole_segments(q, keys, values, mq, rotate(sink_k, cos[:p], sin[:p]), sink_v, cos, sin,
-                                   reads_M, reads_z, gate, spec.scaling, n, spec.xl_window)
+                                   reads_M, reads_z, gate, spec.scaling, n, spec.xl_window, spec.opens)
         return out, memory
     b, hq, t, d = q.shape
     n, s = spec.segment_len, t // spec.segment_len
@@ -478,11 +519,11 @@ def attend_block(attn: InfiniAttention, spec: BlockSpec, x, cos, sin, *state: to
     the start): projections, `whole_segments` and o_proj in one function, so that compiled
     the elementwise work between the matmuls (the memory's low-rank Q/K added, its
     sharpness, the heads' layouts) fuses into few kernels. Returns the output, the block's
-    last segment of keys and values (the next window), and the memory after it."""
+    keys and values (the next window, and the sinks of a block that opens a document),
+    and the memory after it."""
     q, k, v, mq, mk = attn._project(x)
     out, memory = whole_segments(spec, attn.memory_gate, cos, sin, q, k, v, mq, mk, *state)
-    n = spec.segment_len
-    return attn.o_proj(out.transpose(1, 2).flatten(2)), k[:, :, -n:], v[:, :, -n:], memory
+    return attn.o_proj(out.transpose(1, 2).flatten(2)), k, v, memory
 
 
 def read_memory(mq, M, z, kv_heads: int) -> torch.Tensor:

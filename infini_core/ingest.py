@@ -14,7 +14,7 @@ from .attention import compiled_blocks, forced_window_kernel
 from .convert import infini_layers
 from .loading import InfiniModel
 from .memory import chosen_impl
-from .state import LAYER_TENSORS, LayerState, MemoryState
+from .state import LAYER_TENSORS, LayerState, MemoryState, own_tensors
 from .stream import forward, new_layer_states
 
 log = logging.getLogger(__name__)
@@ -164,8 +164,7 @@ def ingest(
     state.tokens += len(state.pending)
     # tensors of its own: not views that keep a whole block's keys alive, nor the buffers of
     # a CUDA graph that the next document overwrites
-    for layer in state.layers:
-        layer.own_tensors()
+    own_tensors(state.layers)
     done += len(state.pending)
     report()
     if state.tokens == 0:
@@ -182,8 +181,14 @@ def block_size(device: torch.device, block_segments: int | None = None, checkpoi
 
 def start_segments(model: InfiniModel) -> int:
     """A document's first segments, which take paths of their own (the memory still empty,
-    the sinks being kept); after them every memory layer takes the whole-segment path."""
-    return model.config.memory_lag + 1
+    the sinks being kept); after them every memory layer takes the whole-segment path.
+    0 where the window kernel reads them in a block of any length, as later ones
+    (`InfiniAttention._opens_in_block`)."""
+    attn = next((a for a in infini_layers(model.lm) if a.has_memory), None)
+    like = torch.empty(1, model.config.segment_len, 0, device=model.device, dtype=model.lm.dtype)
+    with torch.no_grad():
+        opens_in_block = attn is not None and attn._opens_in_block(LayerState(), like)
+    return 0 if opens_in_block else model.config.memory_lag + 1
 
 
 def graph_lengths(block_segments: int) -> list[int]:
@@ -223,7 +228,11 @@ def capture_ingest_graphs(model: InfiniModel, block_segments: int | None = None,
     model.ingest_graphs.capture_all = True
     made_up, vocab = torch.Generator().manual_seed(0), model.lm.get_input_embeddings().num_embeddings
     for size in graph_lengths(block_segments):
-        ingest(model, torch.randint(0, vocab, ((first + size) * n,), generator=made_up), block_segments=block_segments)
+        # a document's start (where the window kernel opens documents in blocks: a block of
+        # this length), then a block of this length
+        state = ingest(model, torch.randint(0, vocab, ((first or size) * n,), generator=made_up),
+                       block_segments=block_segments)
+        ingest(model, torch.randint(0, vocab, (size * n,), generator=made_up), state, block_segments=block_segments)
     return len(model.ingest_graphs.graphs) > 0
 
 
@@ -249,8 +258,10 @@ class BlockGraph:
     tenth of the speed of a long one.
 
     A document reads through a few kept graphs (`graph_block`): its first segments (the
-    memory still empty, the sinks being kept: a path of their own, captured from an empty
-    state), then blocks of `block_segments`, then its end in powers of two and a 3. A
+    memory still empty, the sinks being kept: captured from an empty state; where the
+    window kernel runs, a first block of any of the lengths below, else the first two
+    segments, a path of their own), then blocks of `block_segments`, then its end in
+    powers of two and a 3. A
     worker captures them all when it starts (`capture_ingest_graphs`); a one-off read
     captures only lengths that 2 more blocks of follow, and reads the rest eagerly. All of
     a model's graphs read and write one set of state buffers per layout (`KeptGraphs`), so
@@ -281,9 +292,9 @@ class BlockGraph:
         unknown) into `state` through a kept graph, or capture one (which reads them eagerly
         first) where it pays, or eagerly. False once the state's shapes change from block to
         block (read the rest of the document eagerly)."""
-        layers, n = state.layers, model.config.segment_len
-        first = len(ids) == start_segments(model) * n and state.tokens == 0 and all(
-            layer.segments == 0 and layer.win_k is None for layer in layers)
+        layers, n, start = state.layers, model.config.segment_len, start_segments(model)
+        starts = len(ids) == start * n if start else len(ids) >= 2 * n
+        first = starts and state.tokens == 0 and all(layer.segments == 0 and layer.win_k is None for layer in layers)
         kept = model.ingest_graphs
         graph = None
         if first or (len(ids) >= 2 * n and cls.steady(model, state)):
@@ -315,8 +326,7 @@ class BlockGraph:
         block's from an empty state. Returns None, having read `ids`, if the state's shapes
         would change from block to block."""
         block = torch.tensor([ids], device=model.device)
-        for layer in layers:  # the warm-up sees the layout the capture will: compiled code is specialised to it
-            layer.own_tensors()
+        own_tensors(layers)  # (the warm-up sees the layout the capture will: compiled code is specialised to it)
         before = [replace(l) for l in layers]
         compiled, decoder = True, model.lm if cls.compile_decoder else None
         with model.warming_up():
@@ -330,8 +340,7 @@ class BlockGraph:
                 compiled = False
         # the graph reads (a later block) the state's tensors, which become the buffers of
         # their layout; a first block's graph only writes them
-        for layer in layers:
-            layer.own_tensors()
+        own_tensors(layers)
         reads = () if first else layout_of(layers)
         buffers = kept.buffers_for(layers)
         if not first:

@@ -47,13 +47,6 @@ class LayerState:
     def segment_tokens(self) -> int:
         return 0 if self.seg_k is None else self.seg_k.shape[2]  # (a loaded snapshot stores no empty segment)
 
-    def own_tensors(self) -> None:
-        """Give each tensor a contiguous buffer of its own: no view into a block's keys, none
-        shared with another state."""
-        for name in LAYER_TENSORS:
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).detach().clone(memory_format=torch.contiguous_format))
-
     def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool, lag: int = 0) -> None:
         """Fill in what is missing (a new stream, or empty parts a snapshot leaves out),
         shaped after this layer's keys and values."""
@@ -100,6 +93,20 @@ class LayerState:
             self.win_k, self.win_v = self.seg_k, self.seg_v
         self.seg_k, self.seg_v, self.seg_mk = (t[:, :, :0] for t in done)
         return done
+
+
+def own_tensors(layers: list[LayerState]) -> None:
+    """Give each tensor of the layers a contiguous buffer of its own: no view into a block's
+    keys, none shared with another state. Copied in a few kernels where the tensors allow
+    (contiguous ones: a CUDA graph's buffers), not one per tensor: the default model's
+    state is about 240 of them, each a launch from Python at the end of every document."""
+    named = [(layer, name, t.detach()) for layer in layers for name in LAYER_TENSORS
+             if (t := getattr(layer, name)) is not None]
+    copies = [torch.empty_like(t, memory_format=torch.contiguous_format) for _, _, t in named]
+    if copies:
+        torch._foreach_copy_(copies, [t for _, _, t in named])
+    for (layer, name, _), copy in zip(named, copies):
+        setattr(layer, name, copy)
 
 
 # -- the whole state of a document, and its file ------------------------------------------
@@ -174,8 +181,7 @@ class MemoryState:
     def clone(self) -> "MemoryState":
         """A copy with tensors of its own."""
         copy = self.fork()
-        for layer in copy.layers:
-            layer.own_tensors()
+        own_tensors(copy.layers)
         return copy
 
     def fork(self) -> "MemoryState":

@@ -103,6 +103,7 @@ def _segments_kernel(
     N, S, P, HQ, G, qk_scale, EPS: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr, XL: tl.constexpr,
     EVEN: tl.constexpr, PRECISION: tl.constexpr, MEMORY_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    OPENS: tl.constexpr,
 ):
     blocks = tl.cdiv(N, BM)
     s = tl.program_id(0) // blocks
@@ -128,10 +129,18 @@ def _segments_kernel(
     m_i = tl.full([BM], -1e30, tl.float32)  # finite: a block with no visible key adds nothing
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, D], tl.float32)
+    # a block that OPENS a document: its first segment sees only itself, its second also the
+    # first (whose first tokens are the sinks: not twice); neither reads a memory yet
+    if OPENS:
+        sinks_seen = tl.where(s > 1, P, 0)
+        prev_keys = tl.where(s > 0, N, 0)
+    else:
+        sinks_seen = P
+        prev_keys = N
 
     if P > 0:  # the sinks, rotated at window positions 0..P-1
         sinks = tl.arange(0, BP)
-        is_sink = sinks < P  # (a name of its own: a loop below re-assigning one of another shape fails)
+        is_sink = sinks < sinks_seen  # (a name of its own: a loop below re-assigning one of another shape fails)
         at = b * p_sb + kv * p_sh
         m_i, l_i, acc = _attend(qr, sink_k + at, sink_v + at, p_st, sinks, is_sink, is_sink[None, :], m_i, l_i, acc,
                                 qk_scale, D, PRECISION, True)
@@ -144,7 +153,7 @@ def _segments_kernel(
         # the previous segment's keys sit N positions before where they were rotated:
         # RoPE sees only differences, so the queries are rotated N positions further instead
         q_prev = _rotated(x, xp, row_ok, cos, sin, own + N + rows, D).to(dtype)
-        for j0 in range(0, N, BN):
+        for j0 in range(0, prev_keys, BN):
             cols = j0 + tl.arange(0, BN)
             ok = cols < N
             m_i, l_i, acc = _attend(q_prev, own_k - N * k_st, own_v - N * k_st, k_st, cols, ok, ok[None, :],
@@ -175,6 +184,8 @@ def _segments_kernel(
 
     g = tl.sigmoid(tl.load(gate + h).to(tl.float32))
     mixed = g * mem + (1.0 - g) * local
+    if OPENS:
+        mixed = tl.where(s > 1, mixed, local)
     t = start + rows  # out: [B, S*N, HQ, D]
     tl.store(out + ((b * S * N + t[:, None]) * HQ + h) * D + d[None, :], mixed.to(out.dtype.element_ty),
              mask=row_ok[:, None])
@@ -189,8 +200,10 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def fused_whole_segments(q, k, v, mq, sink_k, sink_v, cos, sin, M, z, gate,
-                         scaling: float, segment_len: int, xl_window: bool) -> torch.Tensor:
-    """Local attention, memory read and gate of S whole segments at once.
+                         scaling: float, segment_len: int, xl_window: bool, opens: bool = False) -> torch.Tensor:
+    """Local attention, memory read and gate of S whole segments at once; with `opens`
+    (xl_window only), a document's first S: the sinks are the first segment's first
+    tokens, and the first two segments read no memory, as `InfiniAttention` reads them.
 
     q, mq [B, Hq, S*N, D], before RoPE. k, v [B, Hkv, (S+1)*N, D] with xl_window (the
     segment before the first, then the S segments), else [B, Hkv, S*N, D]: each key rotated
@@ -203,9 +216,10 @@ def fused_whole_segments(q, k, v, mq, sink_k, sink_v, cos, sin, M, z, gate,
     b, hq, t, d = q.shape
     hkv, n, p = k.shape[1], segment_len, sink_k.shape[2]
     s = t // n
-    if (t != s * n or d & (d - 1) or d < 16 or hq % hkv or k.shape[2] != t + (n if xl_window else 0)
-            or cos.shape[0] < p + (3 if xl_window else 1) * n):
-        raise ValueError(f"whole segments of {n} tokens (keys: one more with xl_window), RoPE of the window and "
+    if (t != s * n or (opens and not xl_window) or d & (d - 1) or d < 16 or hq % hkv
+            or k.shape[2] != t + (n if xl_window else 0) or cos.shape[0] < p + (3 if xl_window else 1) * n):
+        raise ValueError(f"whole segments of {n} tokens (keys: one more with xl_window, which a document's "
+                         f"first block needs), RoPE of the window and "
                          f"one segment more, a power-of-two head_dim >= 16 and grouped heads are needed (got "
                          f"{t} queries, {k.shape[2]} keys, {cos.shape[0]} positions, head_dim {d}, {hq}/{hkv} heads)")
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -226,6 +240,7 @@ def fused_whole_segments(q, k, v, mq, sink_k, sink_v, cos, sin, M, z, gate,
         n, s, p, hq, hq // hkv, scaling * math.log2(math.e), EPS,
         D=d, BM=bm, BN=bn, BP=max(16, triton.next_power_of_2(p)), XL=xl_window, EVEN=n % bn == 0,
         PRECISION="ieee" if fp32 else "tf32", MEMORY_PRECISION=fp32_dot_precision(q), DOT_F32=not q.is_cuda,
+        OPENS=opens,
         num_warps=TILES["num_warps"], num_stages=TILES["num_stages"],
     )
     return out.transpose(1, 2)

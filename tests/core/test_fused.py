@@ -283,6 +283,27 @@ def test_window_kernel_matches_the_torch_path(case, dtype, rule):
         torch.testing.assert_close(a, b_, atol=1e-5, rtol=1e-5)
 
 
+@kernels
+def test_a_block_that_opens_a_document_reads_no_window_or_sinks():
+    """A document's first block is given stand-ins for the window and the sinks that are
+    never filled (`InfiniAttention._block_state`): with NaN in them its output and memory
+    are those it gives with zeros there."""
+    b, hq, hkv, n, s, d, p, _ = WINDOW_CASES[0]
+    args = list(window_inputs(b, hq, hkv, n, s, d, p, True, torch.float32))
+    args[12:16] = [torch.zeros_like(x) for x in args[12:16]]  # (an empty memory)
+    spec = BlockSpec(n, "delta", True, True, d ** -0.5, hkv, "chunk", True, True)
+    results = []
+    for fill in (0.0, float("nan")):
+        args[8:12] = [torch.full_like(x, fill) for x in args[8:12]]
+        with torch.no_grad():
+            results.append(whole_segments(spec, *args))
+    (ref, ref_memory), (got, got_memory) = results
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    for a, b_ in zip(got_memory, ref_memory):
+        torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
 SCAN_CASES = [  # (batch, kv heads, segment length, segments, Dk, Dv, dtype)
     (2, 3, 24, 5, 16, 32, torch.float32),  # a segment of a whole and a partial row tile; Dk != Dv
     (1, 1, 8, 1, 16, 16, torch.float32),  # one segment, shorter than a tile
@@ -339,27 +360,39 @@ def test_scan_states_reject_what_they_cannot_scan():
 
 
 @kernels
+@pytest.mark.parametrize("extra", [0, 5], ids=["whole-segments", "and-a-piece"])
+@pytest.mark.parametrize("segments", [2, 7])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_window_kernel_reads_a_document_as_the_torch_path_does(arch):
-    """A converted model with open gates reads a document of several blocks to the same
-    logits and state with the kernel as without."""
+def test_window_kernel_reads_a_document_as_the_torch_path_does(arch, segments, extra):
+    """A converted model with open gates reads a document to the same logits and state with
+    the kernel as without: the kernel reads its whole segments as one block from the start
+    (the first two masked as the torch path reads them, `_first_segments`), then the rest
+    (`extra` tokens: whole segments go from the layer's input to its output in one
+    function, `attend_block`); a second piece continues it."""
     from infini_core import InfiniConfig, convert_to_infini
+    from infini_core.state import LAYER_TENSORS
     from infini_core.stream import forward, new_layer_states
     from tests.tiny_models import VOCAB, tiny_model
 
     model = convert_to_infini(tiny_model(arch), InfiniConfig(segment_len=16, gate_init=0.0)).to(DEVICE)
-    x = torch.randint(0, VOCAB, (1, 16 * 7 + 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randint(0, VOCAB, (1, 16 * segments + extra), generator=g).to(DEVICE),
+              torch.randint(0, VOCAB, (1, 16 * 3 - 5), generator=g).to(DEVICE)]
     read = []
     for kernel in (False, True):
         states = new_layer_states(model)
         with torch.no_grad(), use_window_kernel(kernel):
-            read.append((forward(model, x, states), states))
+            read.append(([forward(model, x, states) for x in pieces], states))
     (ref, ref_states), (got, got_states) = read
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    for a, b_ in zip(got, ref):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
     for a, b_ in zip(got_states, ref_states):
-        if b_.M is not None:
-            torch.testing.assert_close(a.M, b_.M, atol=1e-4, rtol=1e-5)
-            torch.testing.assert_close(a.M_next, b_.M_next, atol=1e-4, rtol=1e-5)
+        assert a.segments == b_.segments
+        for name in LAYER_TENSORS:
+            x, y = getattr(a, name), getattr(b_, name)
+            assert (x is None) == (y is None), name
+            if y is not None:
+                torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-5, msg=name)
 
 
 def test_window_kernel_only_where_it_applies():
@@ -405,13 +438,14 @@ def test_a_kernel_that_does_not_build_leaves_the_torch_path(failing, monkeypatch
 
 
 @pytest.mark.skipif(not CUDA, reason="ingest's CUDA graphs need a GPU")
-def test_window_kernel_in_ingest_graphs_reads_as_the_torch_path(tmp_path):
+def test_window_kernel_in_ingest_graphs_reads_as_the_torch_path(tmp_path, monkeypatch):
     """In bf16 on CUDA, ingest (compiled blocks replayed from CUDA graphs) takes the window
     kernel by default; a document read so ends in the state, and gives the next-token
-    logits, that the torch path's read gives, to bf16's precision."""
+    logits, that the torch path's read gives, to bf16's precision. A worker's graphs read
+    a document's start in one graph of its length, as later blocks."""
     from infini_core import InfiniConfig
     from infini_core.attention import window_kernel_applies
-    from infini_core.ingest import ingest
+    from infini_core.ingest import BlockGraph, capture_ingest_graphs, ingest, start_segments
     from infini_core.loading import load_model
     from infini_core.stream import continue_stream
     from tests.tiny_models import save_tiny_checkpoint
@@ -420,20 +454,34 @@ def test_window_kernel_in_ingest_graphs_reads_as_the_torch_path(tmp_path):
         with torch.no_grad():
             return continue_stream(model, state.clone(), [5, 6, 7])[0, -1].float()
 
+    def assert_reads_alike(got, ref):
+        for a, b_ in zip(got.layers, ref.layers):
+            if b_.M is not None:
+                for name in ("M", "z", "M_next", "z_next"):
+                    x, y = getattr(a, name), getattr(b_, name)
+                    assert (x - y).abs().max() <= 2e-2 * y.abs().max(), name
+        torch.testing.assert_close(next_logits(got), next_logits(ref), atol=0.1, rtol=0.05)
+
     model = load_model(save_tiny_checkpoint(tmp_path), infini=InfiniConfig(segment_len=16, gate_init=0.0),
                        device="cuda", dtype=torch.bfloat16)
     blocks = 4
     ids = torch.randint(0, 100, ((2 + 3 * blocks) * 16 + 5,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         assert window_kernel_applies(torch.zeros(1, device="cuda", dtype=torch.bfloat16), 16, model.config)
+    assert start_segments(model) == 0
     with use_window_kernel(False):
         ref = ingest(model, ids, block_segments=blocks, cuda_graphs=True)
-        ref_logits = next_logits(ref)
-    got = ingest(model, ids, block_segments=blocks, cuda_graphs=True)
-    for a, b_ in zip(got.layers, ref.layers):
-        if b_.M is not None:
-            for name in ("M", "z", "M_next", "z_next"):
-                x, y = getattr(a, name), getattr(b_, name)
-                assert (x - y).abs().max() <= 2e-2 * y.abs().max(), name
-    torch.testing.assert_close(next_logits(got), ref_logits, atol=0.1, rtol=0.05)
+    assert_reads_alike(ingest(model, ids, block_segments=blocks, cuda_graphs=True), ref)
 
+    replays = []
+    replay = BlockGraph.replay
+    monkeypatch.setattr(BlockGraph, "replay",
+                        lambda self, ids, layers: replays.append((self.first, self.segments)) or replay(self, ids, layers))
+    assert capture_ingest_graphs(model, block_segments=blocks)
+    for segments, through in ((3, [(True, 3)]), (2 + 3 * blocks, [(True, 4), (False, 4), (False, 4), (False, 2)])):
+        replays.clear()
+        doc = ids[:segments * 16 + 5]
+        with use_window_kernel(False):
+            ref = ingest(model, doc, block_segments=blocks, cuda_graphs=False)
+        assert_reads_alike(ingest(model, doc, block_segments=blocks), ref)
+        assert replays == through
