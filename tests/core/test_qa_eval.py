@@ -218,32 +218,3 @@ def test_memory_mode_sees_the_snapshot_and_no_passages(run):
         assert both["prompt_tokens"] == len(qa.prompt_ids(model, both["question"], passages, mid_stream=True))
         assert memory["prompt_tokens"] < both["prompt_tokens"]
         assert retrieval["cited_pages"] == both["cited_pages"]  # one search, reused
-
-
-def test_both_near_answers_from_the_first_snapshot_that_has_read_the_best_passage(data, tmp_path, monkeypatch):
-    """The experimental mode: the memory stops just after the passage BM25 ranks first
-    (snapshots every NEAR_SEGMENTS segments), where "both" continues after the whole
-    document; both are given the same passages."""
-    model = load_model(save_tiny_checkpoint(tmp_path), device="cpu")
-    monkeypatch.setattr(qa, "NEAR_SEGMENTS", 1)
-    calls, real, best = [], qa.answer, []
-    search = qa.RetrievalIndex.search
-
-    def ranked(self, question, k):
-        hits = search(self, question, k)
-        best.append(hits[0].chunk.token_end)
-        return hits
-
-    monkeypatch.setattr(qa.RetrievalIndex, "search", ranked)
-    monkeypatch.setattr(qa, "answer", lambda model, state, question, passages=(), **kw:
-                        calls.append((state.tokens, [p.pages for p in passages])) or real(model, state, question,
-                                                                                          passages, **kw))
-    samples = list(qa.build_samples(data, model.tokenizer, [4096], 2, depths=(0.0, 1.0), page_words=150))
-    rows = qa.evaluate(model, samples, modes=("both", "both-near"), k=2, max_new_tokens=2)
-    assert [r["mode"] for r in rows] == ["both", "both-near"] * 2
-    n = model.config.segment_len
-    for (whole, passages), (near, near_passages), end in zip(calls[::2], calls[1::2], best):
-        assert near_passages == passages and near <= whole
-        # the first multiple of a segment at or past the passage's end (or the whole document)
-        assert near == whole or (near >= end and near - n < end and near % n == 0)
-    assert calls[0][0] > calls[1][0]  # (the gold paragraph first: the memory stops early)
