@@ -254,8 +254,8 @@ class InfiniAttention(nn.Module):
     def _opens_in_block(self, state: LayerState, like: torch.Tensor) -> bool:
         """Whether whole segments like `like` that open a document go through the window
         kernel as one block, as later blocks do (its first two segments masked as
-        `_first_segments` reads them): a short document's first CUDA graph then is its
-        only one (docs/benchmarks.md, sixteenth session)."""
+        `_first_segments` reads them): a document's start then takes no CUDA graph of its
+        own (docs/benchmarks.md, sixteenth session)."""
         return (self.has_memory and self._opens_document(state) and chosen_impl() == "chunk"
                 and window_kernel_applies(like, self.head_dim, self.config))
 
