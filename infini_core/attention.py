@@ -220,24 +220,17 @@ class InfiniAttention(nn.Module):
         n = self.config.segment_len
         outs, start, t = [], 0, q.shape[2]
         while start < t:
-            if start == 0 and t >= 2 * n and self._opens_in_block(state, q):
-                count = t // n * n
-                outs.append(self._whole_segments(state, *(x[:, :, :count] for x in (q, k, v, mq, mk))))
-                start = count
+            if t - start >= 2 * n and self._reads_blocks(state, q):
+                # several whole segments: all of them at once (layer-parallel)
+                count = (t - start) // n * n
+                outs.append(self._whole_segments(state, *(x[:, :, start:start + count] for x in (q, k, v, mq, mk))))
+                start += count
                 continue
             if start == 0 and t >= 2 * n and self._opens_document(state):
                 outs.append(self._first_segments(state, *(x[:, :, :2 * n] for x in (q, k, v, mq, mk))))
                 start = 2 * n
                 continue
             room = n - state.segment_tokens
-            # (from the segment whose window no longer holds the document's start: all of them
-            # then have the same shape of window)
-            if self.past_start(state) and t - start >= 2 * n:
-                # several whole segments: all of them at once (layer-parallel)
-                count = (t - start) // n * n
-                outs.append(self._whole_segments(state, *(x[:, :, start:start + count] for x in (q, k, v, mq, mk))))
-                start += count
-                continue
             piece = slice(start, start + min(room, t - start))
             outs.append(self._segment_piece(state, q[:, :, piece], k[:, :, piece], v[:, :, piece], mq[:, :, piece], mk[:, :, piece]))
             start = piece.stop
@@ -251,7 +244,7 @@ class InfiniAttention(nn.Module):
         return (state.segments == 0 and state.segment_tokens == 0 and cfg.memory_lag == 1 and cfg.xl_window
                 and not cfg.mix_empty_memory)
 
-    def _opens_in_block(self, state: LayerState, like: torch.Tensor) -> bool:
+    def opens_in_block(self, state: LayerState, like: torch.Tensor) -> bool:
         """Whether whole segments like `like` that open a document go through the window
         kernel as one block, as later blocks do (its first two segments masked as
         `_first_segments` reads them): a document's start then takes no CUDA graph of its
@@ -339,8 +332,13 @@ class InfiniAttention(nn.Module):
         """Whether the input `x` is two or more whole segments past the start (the blocks of
         a long read): `_block` takes it."""
         n, t = self.config.segment_len, x.shape[1]
-        return (self.has_memory and t >= 2 * n and t % n == 0
-                and (self.past_start(state) or self._opens_in_block(state, x)))
+        return self.has_memory and t >= 2 * n and t % n == 0 and self._reads_blocks(state, x)
+
+    def _reads_blocks(self, state: LayerState, like: torch.Tensor) -> bool:
+        """Whether whole segments like `like` take the layer-parallel path from here: past
+        the document's start (from the segment whose window no longer holds it, all of them
+        have the same shape of window), or opening it through the window kernel."""
+        return self.past_start(state) or self.opens_in_block(state, like)
 
     def _block(self, state: LayerState, x: torch.Tensor) -> torch.Tensor:
         """A block of whole segments, from the layer's input to its output (`attend_block`)."""
@@ -363,7 +361,7 @@ class InfiniAttention(nn.Module):
         cfg = self.config
         impl = chosen_impl()
         kernel = impl == "chunk" and window_kernel_applies(like, self.head_dim, cfg)
-        opens = not self.past_start(state)  # (then it opens the document: `_opens_in_block`)
+        opens = not self.past_start(state)  # (then it opens the document: `opens_in_block`)
         # (the window kernel rotates queries one segment further for the segment before)
         sinks = self._opening_sinks() if opens else state.sink_k.shape[2]
         window = sinks + (2 + kernel if cfg.xl_window else 1) * cfg.segment_len
@@ -445,7 +443,7 @@ class BlockSpec:
     kv_heads: int
     impl: str  # of the memory op
     window_kernel: bool = False  # local attention, read and gate in one Triton kernel (ingest)
-    opens: bool = False  # the block opens a document (window kernel only; the state given is zeros)
+    opens: bool = False  # the block opens a document (window kernel only; the state given: stand-ins)
 
 
 def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sink_v, win_k, win_v,
@@ -460,7 +458,7 @@ def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sin
         from .window_kernel import fused_whole_segments
 
         n, p = spec.segment_len, sink_k.shape[2]
-        if spec.opens:  # the sinks are the document's first tokens (`_block_state` gave zeros)
+        if spec.opens:  # the sinks are the document's first tokens (`_block_state` gave stand-ins)
             sink_k, sink_v = k[:, :, :p], v[:, :, :p]
         own = p + n if spec.xl_window else p  # window position of a segment's first token
         keys, values = (torch.cat([win_k, k], 2), torch.cat([win_v, v], 2)) if spec.xl_window else (k, v)

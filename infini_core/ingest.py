@@ -183,11 +183,11 @@ def start_segments(model: InfiniModel) -> int:
     """A document's first segments, which take paths of their own (the memory still empty,
     the sinks being kept); after them every memory layer takes the whole-segment path.
     0 where the window kernel reads them in a block of any length, as later ones
-    (`InfiniAttention._opens_in_block`)."""
+    (`InfiniAttention.opens_in_block`)."""
     attn = next((a for a in infini_layers(model.lm) if a.has_memory), None)
-    like = torch.empty(1, model.config.segment_len, 0, device=model.device, dtype=model.lm.dtype)
+    like = torch.empty(0, device=model.device, dtype=model.lm.dtype)  # (its device and dtype decide)
     with torch.no_grad():
-        opens_in_block = attn is not None and attn._opens_in_block(LayerState(), like)
+        opens_in_block = attn is not None and attn.opens_in_block(LayerState(), like)
     return 0 if opens_in_block else model.config.memory_lag + 1
 
 
@@ -292,9 +292,10 @@ class BlockGraph:
         unknown) into `state` through a kept graph, or capture one (which reads them eagerly
         first) where it pays, or eagerly. False once the state's shapes change from block to
         block (read the rest of the document eagerly)."""
-        layers, n, start = state.layers, model.config.segment_len, start_segments(model)
-        starts = len(ids) == start * n if start else len(ids) >= 2 * n
-        first = starts and state.tokens == 0 and all(layer.segments == 0 and layer.win_k is None for layer in layers)
+        layers, n = state.layers, model.config.segment_len
+        fresh = state.tokens == 0 and all(layer.segments == 0 and layer.win_k is None for layer in layers)
+        start = start_segments(model) if fresh else None  # (asked only at a document's start)
+        first = fresh and (len(ids) == start * n if start else len(ids) >= 2 * n)
         kept = model.ingest_graphs
         graph = None
         if first or (len(ids) >= 2 * n and cls.steady(model, state)):
