@@ -15,6 +15,8 @@ depend on the weights. Paths, each in one run on the same GPU:
           started (its first two segments, blocks, an end's powers of two and 3) and
           replayed. Its peak counts the graphs' memory pool, which stays reserved between
           documents (other rows: memory allocated)
+  graph-reused-unjoined  graph-reused with each projection its own matmul (before the
+          seventeenth session: q, k, v, the memory's low-rank Q and K, the MLP's gate and up)
   graph-reused-sdpa  graph-reused with the memory layers' whole segments through torch
           (SDPA's flash attention, then the memory read and the gate), not the Triton window
           kernel (before the fourteenth session)
@@ -39,7 +41,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from infini_core import InfiniConfig, convert_to_infini, window_kernel
+from infini_core import InfiniConfig, attention, convert_to_infini, window_kernel
 from infini_core.attention import use_window_kernel
 import infini_core.ingest as infini_ingest
 from infini_core.ingest import BlockGraph, capture_ingest_graphs, ingest
@@ -79,19 +81,20 @@ def hf_prefill(base, ids):
 
 
 # path -> (memory op, CUDA graphs, decoder layers compiled around their attention, TF32 memory
-# matmuls, the Triton window kernel: None where ingest chooses)
-IMPLS = {"naive": ("naive", False, False, True, None), "chunk": ("chunk", False, False, True, None),
-         "graph": ("chunk", True, True, True, None), "graph-reused": ("chunk", True, True, True, None),
-         "graph-reused-sdpa": ("chunk", True, True, True, False),
-         "graph-attn": ("chunk", True, False, True, None), "graph-ieee": ("chunk", True, True, False, None),
-         "fused": ("fused", True, True, True, None)}
+# matmuls, the Triton window kernel: None where ingest chooses, projections of one input joined)
+IMPLS = {"naive": ("naive", False, False, True, None, True), "chunk": ("chunk", False, False, True, None, True),
+         "graph": ("chunk", True, True, True, None, True), "graph-reused": ("chunk", True, True, True, None, True),
+         "graph-reused-sdpa": ("chunk", True, True, True, False, True),
+         "graph-reused-unjoined": ("chunk", True, True, True, None, False),
+         "graph-attn": ("chunk", True, False, True, None, True), "graph-ieee": ("chunk", True, True, False, None, True),
+         "fused": ("fused", True, True, True, None, True)}
 
 
 def our_ingest(model, ids, path, block_segments, warm_up: bool = False):
     """Read ids as a first document (no graphs kept from before), or for graph-reused as a
     later document (the graphs kept from the ones before). With `warm_up`, instead capture
     every graph the path reads through (kernels compiled), as a worker does when it starts."""
-    impl, graphs, BlockGraph.compile_decoder, infini_ingest.TF32_MEMORY, window = IMPLS[path]
+    impl, graphs, BlockGraph.compile_decoder, infini_ingest.TF32_MEMORY, window, attention.JOIN_PROJECTIONS = IMPLS[path]
     if not path.startswith("graph-reused"):
         model.ingest_graphs = None
     with use_impl(impl), use_window_kernel(window) if window is not None else contextlib.nullcontext():

@@ -142,6 +142,8 @@ class InfiniAttention(nn.Module):
         # where a forward without a bound state starts (a fresh stream, or a copy of this:
         # training after a prefix, `stream.starting_from`)
         self.start: LayerState | None = None
+        # the projections side by side, read inside `compiled_blocks` (`join_linears`)
+        self.joined: JoinedLinear | None = None
         if self.has_memory:
             like = attn.q_proj.weight
             self.memory_gate = nn.Parameter(torch.full((n_heads,), config.gate_init, dtype=like.dtype, device=like.device))
@@ -159,16 +161,38 @@ class InfiniAttention(nn.Module):
         y = y.view(b, t, -1, self.head_dim).transpose(1, 2)
         return norm(y) if norm is not None else y
 
-    def _memory_qk(self, x, q, k, q_proj, k_proj):
-        """Memory queries and keys before RoPE, with the sharpness folded in."""
+    def _memory_qk(self, x, q, k, q_proj, k_proj, joined=()):
+        """Memory queries and keys before RoPE, with the sharpness folded in (`joined`: their
+        projections from `joined_weights`, where the sharpness may be folded in already)."""
         if self.config.own_memory_qk:
-            q = self._heads(q_proj + self.memory_q_lora(x), self.q_norm)
-            k = self._heads(k_proj + self.memory_k_lora(x), self.k_norm)
-        if self.config.sharpness:
+            mq_proj, mk_proj = joined or (q_proj + self.memory_q_lora(x), k_proj + self.memory_k_lora(x))
+            q, k = self._heads(mq_proj, self.q_norm), self._heads(mk_proj, self.k_norm)
+        if self.config.sharpness and not (joined and self._sharpness_in_weights):
             scale = self.memory_tau.exp()[None, :, None, None]
             q = q * scale.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             k = k * scale
         return q, k
+
+    @property
+    def _sharpness_in_weights(self) -> bool:
+        """Whether `joined_weights` multiplies the sharpness into the memory's projections:
+        not where q/k norms come after them (a norm would undo it)."""
+        return self.config.sharpness and self.q_norm is None and self.k_norm is None
+
+    def joined_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of every projection of the layer's input: q, k, v and, with memory
+        Q/K of their own, the memory's (the low-rank delta added, in fp32)."""
+        parts = [(p.weight, p.bias) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        if not (self.has_memory and self.config.own_memory_qk):
+            return parts
+        heads = (self.n_heads // self.n_kv_heads, 1)
+        for proj, lora, per_kv_head in zip((self.q_proj, self.k_proj), (self.memory_q_lora, self.memory_k_lora), heads):
+            weight, bias = proj.weight.float() + lora[1].weight.float() @ lora[0].weight.float(), proj.bias
+            if self._sharpness_in_weights:  # exp(tau) of each row's KV head
+                scale = self.memory_tau.float().exp().repeat_interleave(per_kv_head * self.head_dim)
+                weight, bias = weight * scale[:, None], None if bias is None else bias * scale
+            parts.append((weight, bias))
+        return parts
 
     # -- local attention ---------------------------------------------------------------
 
@@ -199,11 +223,15 @@ class InfiniAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).flatten(2)), None
 
     def _project(self, x):
-        """q, k, v as heads, and the memory's queries and keys (None without memory)."""
-        q_proj, k_proj = self.q_proj(x), self.k_proj(x)
+        """q, k, v as heads, and the memory's queries and keys (None without memory); inside
+        `compiled_blocks` in one matmul."""
+        if _joined and self.joined is not None:
+            q_proj, k_proj, v_proj, *memory = self.joined(x)
+        else:
+            q_proj, k_proj, v_proj, memory = self.q_proj(x), self.k_proj(x), self.v_proj(x), ()
         q, k = self._heads(q_proj, self.q_norm), self._heads(k_proj, self.k_norm)
-        v = self._heads(self.v_proj(x), None)
-        mq, mk = self._memory_qk(x, q, k, q_proj, k_proj) if self.has_memory else (None, None)
+        v = self._heads(v_proj, None)
+        mq, mk = self._memory_qk(x, q, k, q_proj, k_proj, memory) if self.has_memory else (None, None)
         return q, k, v, mq, mk
 
     def _sliding_layer(self, state: LayerState, q, k, v) -> torch.Tensor:
@@ -602,6 +630,10 @@ def window_kernel_applies(like: torch.Tensor, head_dim: int, config: InfiniConfi
 
 
 _compiling_blocks = False  # inside compiled_blocks
+# compiled_blocks(model) joins model's projections of one input into one matmul each (False:
+# as before the seventeenth session, which bench/ingest.py measures beside it)
+JOIN_PROJECTIONS = True
+_joined = False  # inside compiled_blocks, with model's projections joined
 _compiled_steps: dict = {}  # function -> its compiled version, shared by all layers
 
 
@@ -615,12 +647,74 @@ def _block_version(fn, spec: BlockSpec):
 def _compiled_version(fn):
     compiled = _compiled_steps.get(fn)
     if compiled is None:
-        # one compilation per shape: ingest keeps graphs of up to 7 block lengths, and dynamo
-        # falls back to eager past its limit (8 by default) of versions per function
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        # one compilation per shape: a worker keeps graphs of 14 kinds of block (and a
+        # benchmark two sets), and dynamo falls back to eager past its limit (8 by default)
+        # of versions per function
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # rounding where eager rounds (bf16 casts kept), so compiled code reads as eager code does
         compiled = _compiled_steps[fn] = torch.compile(fn, dynamic=False, options={"emulate_precision_casts": True})
     return compiled
+
+
+@dataclass
+class JoinedLinear:
+    """Linear maps of one input side by side: one matmul, one launch and one read of the
+    input where there were several (ingest's blocks: docs/benchmarks.md, seventeenth
+    session). Kept on the module it serves, as long as the module: CUDA graphs captured
+    with it read its weight."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: list[int]
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1))
+
+
+def join_linears(old: JoinedLinear | None, parts: list[tuple[torch.Tensor, torch.Tensor | None]]) -> JoinedLinear:
+    """(weight, bias) pairs side by side, in the first weight's dtype; written into `old`
+    where it has their shapes, so that graphs captured with it read the weights as they
+    are now."""
+    with torch.no_grad():
+        like = parts[0][0]
+        weight = torch.cat([w.to(like.dtype) for w, _ in parts])
+        bias = None if all(b is None for _, b in parts) else torch.cat(
+            [like.new_zeros(w.shape[0]) if b is None else b.to(like.dtype) for w, b in parts])
+        if old is not None and (old.bias is None) == (bias is None) and all(
+                getattr(old.weight, a) == getattr(weight, a) for a in ("shape", "dtype", "device")):
+            old.weight.copy_(weight)
+            if bias is not None:
+                old.bias.copy_(bias)
+            return old
+    return JoinedLinear(weight, bias, [w.shape[0] for w, _ in parts])
+
+
+class JoinedMLP(nn.Module):
+    """The MLP of every supported architecture, down(act(gate(x)) * up(x)), with gate and
+    up in one matmul: in a decoder layer's place of its MLP inside `compiled_blocks` (a
+    module, not a swapped forward: compiled code would take each layer's forward for new
+    code, and compile once per layer)."""
+
+    def __init__(self, mlp: nn.Module, joined: JoinedLinear):
+        super().__init__()
+        self.down_proj, self.act_fn, self.joined = mlp.down_proj, mlp.act_fn, joined
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.joined(x)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def _join(layer: nn.Module, attn: InfiniAttention) -> JoinedMLP | None:
+    """The layer's projections joined (`JoinedLinear`), from its weights as they are now:
+    the attention's input projections (`InfiniAttention._project` reads them inside
+    `compiled_blocks`), and the MLP's gate and up (the MLP that reads them returned; None
+    for an MLP of another form)."""
+    attn.joined = join_linears(attn.joined, attn.joined_weights())
+    mlp = getattr(layer, "mlp", None)
+    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return None
+    mlp.joined = join_linears(getattr(mlp, "joined", None), [(p.weight, p.bias) for p in (mlp.gate_proj, mlp.up_proj)])
+    return JoinedMLP(mlp, mlp.joined)
 
 
 @contextmanager
@@ -630,22 +724,29 @@ def compiled_blocks(model: nn.Module | None = None):
     decoder layers around their attention (norms, MLP, residual adds: Hugging Face's RMSNorm
     alone is eight operations, and an add fuses into the norm after it). The attention
     itself runs as it is (its state is Python objects), compiling its block on its own.
+    `model`'s projections of one input are joined into one matmul each (`_join`,
+    `JOIN_PROJECTIONS`).
     The first call of each new shape compiles (seconds to a minute)."""
-    global _compiling_blocks
-    before, _compiling_blocks = _compiling_blocks, True
-    swapped = []
+    global _compiling_blocks, _joined
+    before = _compiling_blocks, _joined
+    _compiling_blocks, _joined = True, model is not None and JOIN_PROJECTIONS
+    swapped = []  # (module, attribute, what it was)
     try:
         for layer in model.base_model.layers if model is not None else ():
             attn = next(m for m in layer.children() if isinstance(m, InfiniAttention))
             # (a graph break: the compiled layer calls it as plain Python)
-            for module, forward in ((attn, torch.compiler.disable(partial(type(attn).forward, attn))),
-                                    (layer, partial(_compiled_version(type(layer).forward), layer))):
-                swapped.append((module, module.__dict__.get("forward")))
-                module.forward = forward
+            changes = [(attn, "forward", torch.compiler.disable(partial(type(attn).forward, attn))),
+                       (layer, "forward", partial(_compiled_version(type(layer).forward), layer))]
+            if _joined and (mlp := _join(layer, attn)) is not None:
+                changes.append((layer, "mlp", mlp))
+            for module, name, value in changes:
+                swapped.append((module, name, module.__dict__.get(name) if name == "forward" else getattr(module, name)))
+                setattr(module, name, value)
         yield
     finally:
-        _compiling_blocks = before
-        for module, own in swapped:
-            del module.forward
-            if own is not None:
-                module.forward = own
+        _compiling_blocks, _joined = before
+        for module, name, value in reversed(swapped):
+            if value is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)

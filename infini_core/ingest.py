@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import attention
 from .attention import compiled_blocks, forced_window_kernel
 from .convert import infini_layers
 from .loading import InfiniModel
@@ -284,7 +285,8 @@ class BlockGraph:
     def key_for(cls, length: int, first: bool, layout: tuple) -> tuple:
         """What a graph is captured for: the block's length, the layout of the state it
         reads, and the code it runs."""
-        return length, first, layout, cls.compile_decoder, chosen_impl(), TF32_MEMORY, forced_window_kernel()
+        return (length, first, layout, cls.compile_decoder, chosen_impl(), TF32_MEMORY, forced_window_kernel(),
+                attention.JOIN_PROJECTIONS)
 
     @classmethod
     def read(cls, model: InfiniModel, state: MemoryState, ids: list[int], left: int | None) -> bool:

@@ -16,7 +16,7 @@ from infini_core.loading import load_model
 from infini_core.state import (FORMAT_VERSION, LAYER_TENSORS, CorruptStateError, MemoryState, StateError,
                                StateFormatError, StateMismatchError)
 from infini_core.stream import continue_stream, settle
-from tests.tiny_models import save_tiny_checkpoint
+from tests.tiny_models import ARCHS, save_tiny_checkpoint
 
 TEXT = " ".join(f"Line {i}: the lighthouse keeper read page {i} of the old book in the lamp room." for i in range(40))
 
@@ -95,6 +95,39 @@ def test_compiled_blocks_read_as_eager_blocks_do(model):
     assert counters["stats"]["unique_graphs"] <= 4 < len(model.lm.base_model.layers) * 3
     assert_same_state(compiled, eager)
     torch.testing.assert_close(next_logits(model, compiled), next_logits(model, eager), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_joined_projections_read_as_separate_ones(arch, tmp_path, monkeypatch):
+    """Inside `compiled_blocks` each layer reads its input's projections in one matmul (q,
+    k, v and the memory's, the low-rank delta and the sharpness folded in) and the MLP's
+    gate and up in another: the same state and logits as the layers' own projections.
+    Without the compiler (its CPU backend is slow), so that only the joins differ; a
+    trained-looking memory (delta, sharpness and gates away from their starts), and Qwen2's
+    biases."""
+    import infini_core.attention
+    from infini_core.attention import InfiniAttention, compiled_blocks
+
+    model = load_model(save_tiny_checkpoint(tmp_path, arch=arch), infini=InfiniConfig(segment_len=16, gate_init=0.0),
+                       device="cpu")
+    made_up = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for attn in (m for m in model.lm.modules() if isinstance(m, InfiniAttention) and m.has_memory):
+            biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj) if p.bias is not None]
+            for param in (attn.memory_q_lora[1].weight, attn.memory_k_lora[1].weight, attn.memory_tau, *biases):
+                param.normal_(0, 0.5, generator=made_up)
+    ids = torch.randint(0, 100, (20 * 16 + 5,), generator=made_up).tolist()
+    separate = ingest(model, ids, block_segments=8)
+    monkeypatch.setattr(infini_core.attention, "_compiled_version", lambda fn: fn)
+    calls = []
+    for layer in model.lm.base_model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.up_proj):
+            proj.register_forward_hook(lambda *_: calls.append(1))
+    with compiled_blocks(model.lm):
+        joined = ingest(model, ids, block_segments=8)
+    assert not calls  # (every projection went through the joins)
+    assert_same_state(joined, separate)
+    torch.testing.assert_close(next_logits(model, joined), next_logits(model, separate), atol=1e-5, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device)")
