@@ -372,8 +372,8 @@ class InfiniAttention(nn.Module):
         """A block of whole segments, from the layer's input to its output (`attend_block`)."""
         spec, cos, sin = self._block_spec(state, x)
         run = _block_version(attend_block, spec)
-        out, k, v, memory = run(self, spec, x, cos, sin, *self._block_state(state, x))
-        self._after_block(state, spec, k, v, memory)
+        out, kept, memory = run(self, spec, x, cos, sin, *self._block_state(state, x))
+        self._after_block(state, spec, x.shape[1] // spec.segment_len, kept, memory)
         return out
 
     def _whole_segments(self, state: LayerState, q, k, v, mq, mk) -> torch.Tensor:
@@ -382,7 +382,7 @@ class InfiniAttention(nn.Module):
         spec, cos, sin = self._block_spec(state, q)
         out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk,
                                                            *self._block_state(state, q))
-        self._after_block(state, spec, k, v, memory)
+        self._after_block(state, spec, q.shape[2] // spec.segment_len, kept_of_block(spec, k, v), memory)
         return out
 
     def _block_spec(self, state: LayerState, like: torch.Tensor):
@@ -394,7 +394,7 @@ class InfiniAttention(nn.Module):
         sinks = self._opening_sinks() if opens else state.sink_k.shape[2]
         window = sinks + (2 + kernel if cfg.xl_window else 1) * cfg.segment_len
         spec = BlockSpec(cfg.segment_len, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling,
-                         self.n_kv_heads, impl, kernel, opens)
+                         self.n_kv_heads, impl, kernel, opens, self._opening_sinks())
         return spec, *self._rope.get(window, like, self.layer_type)
 
     def _opening_sinks(self) -> int:
@@ -415,19 +415,17 @@ class InfiniAttention(nn.Module):
         p = self._opening_sinks()
         return keys(b, h, p, d), keys(b, h, p, d), keys(b, h, n, d), keys(b, h, n, d), M, z, M, z
 
-    def _after_block(self, state: LayerState, spec: BlockSpec, k, v, memory) -> None:
-        """The state after a block (its keys and values k, v): its memory, its last segment
-        as the window, and for a block that opened the document its first tokens as the
-        sinks."""
-        n = spec.segment_len
+    def _after_block(self, state: LayerState, spec: BlockSpec, segments: int, kept, memory) -> None:
+        """The state after a block of `segments` segments: its memory, and what it keeps of
+        the block's keys and values (`kept_of_block`)."""
         state.M, state.z, state.M_next, state.z_next = memory
-        state.segments += k.shape[2] // n
+        state.segments += segments
+        win_k, win_v, sink_k, sink_v = kept
         if spec.xl_window:
-            state.win_k, state.win_v = k[:, :, -n:], v[:, :, -n:]
+            state.win_k, state.win_v = win_k, win_v
         if spec.opens:
-            p = self._opening_sinks()
-            state.sink_k, state.sink_v = k[:, :, :p], v[:, :, :p]
-            state.init(k, v, True, self.config.memory_lag)  # (the empty current segment)
+            state.sink_k, state.sink_v = sink_k, sink_v
+            state.init(sink_k, sink_v, True, self.config.memory_lag)  # (the empty current segment)
 
 
 @dataclass(frozen=True)
@@ -472,6 +470,7 @@ class BlockSpec:
     impl: str  # of the memory op
     window_kernel: bool = False  # local attention, read and gate in one Triton kernel (ingest)
     opens: bool = False  # the block opens a document (window kernel only; the state given: stand-ins)
+    sinks: int = 0  # the tokens a block that opens a document keeps as its sinks
 
 
 def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sink_v, win_k, win_v,
@@ -544,12 +543,22 @@ def attend_block(attn: InfiniAttention, spec: BlockSpec, x, cos, sin, *state: to
     """A memory layer's attention over a block of whole segments (x: [B, S*N, hidden], past
     the start): projections, `whole_segments` and o_proj in one function, so that compiled
     the elementwise work between the matmuls (the memory's low-rank Q/K added, its
-    sharpness, the heads' layouts) fuses into few kernels. Returns the output, the block's
-    keys and values (the next window, and the sinks of a block that opens a document),
-    and the memory after it."""
+    sharpness, the heads' layouts) fuses into few kernels. Returns the output, what the
+    state keeps of the block's keys and values (`kept_of_block`), and the memory after it."""
     q, k, v, mq, mk = attn._project(x)
     out, memory = whole_segments(spec, attn.memory_gate, cos, sin, q, k, v, mq, mk, *state)
-    return attn.o_proj(out.transpose(1, 2).flatten(2)), k, v, memory
+    return attn.o_proj(out.transpose(1, 2).flatten(2)), kept_of_block(spec, k, v), memory
+
+
+def kept_of_block(spec: BlockSpec, k, v) -> tuple:
+    """What the state keeps of a block's keys and values (None where nothing): its last
+    segment, the next window, and for a block that opens a document its first tokens, the
+    sinks; as tensors of their own, since views would keep the block's projections alive
+    (with q, k and v in one matmul: 113 MB a layer in a 32K-token block, 3.4 GB in all)."""
+    n = spec.segment_len
+    window = [x[:, :, -n:].contiguous() for x in (k, v)] if spec.xl_window else [None, None]
+    sinks = [x[:, :, :spec.sinks].contiguous() for x in (k, v)] if spec.opens else [None, None]
+    return *window, *sinks
 
 
 def read_memory(mq, M, z, kv_heads: int) -> torch.Tensor:

@@ -123,9 +123,13 @@ def test_joined_projections_read_as_separate_ones(arch, tmp_path, monkeypatch):
     for layer in model.lm.base_model.layers:
         for proj in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.up_proj):
             proj.register_forward_hook(lambda *_: calls.append(1))
+    views = []  # windows that are views (of a block's projections of all heads, kept alive)
     with compiled_blocks(model.lm):
-        joined = ingest(model, ids, block_segments=8)
+        joined = ingest(model, ids, block_segments=8, checkpoint_every=8, on_checkpoint=lambda state: views.extend(
+            name for layer in state.layers if layer.M is not None for name in ("win_k", "win_v")
+            if getattr(layer, name)._base is not None))
     assert not calls  # (every projection went through the joins)
+    assert not views
     assert_same_state(joined, separate)
     torch.testing.assert_close(next_logits(model, joined), next_logits(model, separate), atol=1e-5, rtol=0)
 
