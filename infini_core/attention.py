@@ -749,7 +749,9 @@ def compiled_blocks(model: nn.Module | None = None):
             if _joined and (mlp := _join(layer, attn)) is not None:
                 changes.append((layer, "mlp", mlp))
             for module, name, value in changes:
-                swapped.append((module, name, module.__dict__.get(name) if name == "forward" else getattr(module, name)))
+                # (a forward: the instance's own if it has one, else None, the class's)
+                was = module.__dict__.get(name) if name == "forward" else getattr(module, name)
+                swapped.append((module, name, was))
                 setattr(module, name, value)
         yield
     finally:
