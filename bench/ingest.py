@@ -237,9 +237,13 @@ def main() -> None:
                 continue
             blocks = 1 if path == "naive" else block_segments
             worker = path.startswith("graph-reused")
-            if worker:  # a worker: every length's graph captured when it started
-                our_ingest(model, None, path, blocks, warm_up=True)
-            secs, peak, result = measure(lambda: our_ingest(model, ids, path, blocks), reserved=worker)
+            try:
+                if worker:  # a worker: every length's graph captured when it started
+                    our_ingest(model, None, path, blocks, warm_up=True)
+                secs, peak, result = measure(lambda: our_ingest(model, ids, path, blocks), reserved=worker)
+            except Exception as error:  # (the whole message in the rows: a CUDA error ends the run)
+                record(path=path, tokens=n, error=f"{type(error).__name__}: {error}")
+                raise
             record(path=path, tokens=n, seconds=secs, tokens_per_s=n / secs, peak_gib=peak)
             if path == "graph":  # the product's path: its snapshot is the one answered from
                 state = result

@@ -717,12 +717,16 @@ def _join(layer: nn.Module, attn: InfiniAttention) -> JoinedMLP | None:
     """The layer's projections joined (`JoinedLinear`), from its weights as they are now:
     the attention's input projections (`InfiniAttention._project` reads them inside
     `compiled_blocks`), and the MLP's gate and up (the MLP that reads them returned; None
-    for an MLP of another form)."""
-    attn.joined = join_linears(attn.joined, attn.joined_weights())
+    for an MLP of another form). Only plain `nn.Linear` layers join: a subclass (a LoRA, a
+    quantized layer) computes more than its weight says."""
+    plain = lambda *modules: all(type(m) is nn.Linear for m in modules)
+    attn.joined = (join_linears(attn.joined, attn.joined_weights())
+                   if plain(attn.q_proj, attn.k_proj, attn.v_proj) else None)
     mlp = getattr(layer, "mlp", None)
-    if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    if not (plain(gate, up) and hasattr(mlp, "down_proj") and hasattr(mlp, "act_fn")):
         return None
-    mlp.joined = join_linears(getattr(mlp, "joined", None), [(p.weight, p.bias) for p in (mlp.gate_proj, mlp.up_proj)])
+    mlp.joined = join_linears(getattr(mlp, "joined", None), [(p.weight, p.bias) for p in (gate, up)])
     return JoinedMLP(mlp, mlp.joined)
 
 

@@ -134,6 +134,32 @@ def test_joined_projections_read_as_separate_ones(arch, tmp_path, monkeypatch):
     torch.testing.assert_close(next_logits(model, joined), next_logits(model, separate), atol=1e-5, rtol=0)
 
 
+def test_only_plain_linear_layers_join(tmp_path, monkeypatch):
+    """A projection that computes more than its weight (here a bias of its own; a LoRA or a
+    quantized layer in practice) keeps its own forward: the layer reads as without joins."""
+    import infini_core.attention
+    from infini_core.attention import compiled_blocks
+
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 0.5
+
+    model = load_model(save_tiny_checkpoint(tmp_path), infini=InfiniConfig(segment_len=16, gate_init=0.0), device="cpu")
+    for layer in model.lm.base_model.layers:
+        for module, name in ((layer.self_attn, "k_proj"), (layer.mlp, "up_proj")):
+            plain = getattr(module, name)
+            shifted = Shifted(plain.in_features, plain.out_features, bias=False)
+            shifted.weight = plain.weight
+            setattr(module, name, shifted)
+    ids = torch.randint(0, 100, (20 * 16 + 5,)).tolist()
+    separate = ingest(model, ids, block_segments=8)
+    monkeypatch.setattr(infini_core.attention, "_compiled_version", lambda fn: fn)
+    with compiled_blocks(model.lm):
+        assert all(layer.self_attn.joined is None for layer in model.lm.base_model.layers)
+        joined = ingest(model, ids, block_segments=8)
+    assert_same_state(joined, separate)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (run on the device)")
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("compiled", [False, True])
