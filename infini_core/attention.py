@@ -161,13 +161,13 @@ class InfiniAttention(nn.Module):
         y = y.view(b, t, -1, self.head_dim).transpose(1, 2)
         return norm(y) if norm is not None else y
 
-    def _memory_qk(self, x, q, k, q_proj, k_proj, joined=()):
-        """Memory queries and keys before RoPE, with the sharpness folded in (`joined`: their
-        projections from `joined_weights`, where the sharpness may be folded in already)."""
+    def _memory_qk(self, x, q, k, q_proj, k_proj, memory_proj=()):
+        """Memory queries and keys before RoPE, with the sharpness folded in (`memory_proj`:
+        their projections from `joined_weights`, where the sharpness may be in already)."""
         if self.config.own_memory_qk:
-            mq_proj, mk_proj = joined or (q_proj + self.memory_q_lora(x), k_proj + self.memory_k_lora(x))
+            mq_proj, mk_proj = memory_proj or (q_proj + self.memory_q_lora(x), k_proj + self.memory_k_lora(x))
             q, k = self._heads(mq_proj, self.q_norm), self._heads(mk_proj, self.k_norm)
-        if self.config.sharpness and not (joined and self._sharpness_in_weights):
+        if self.config.sharpness and not (memory_proj and self._sharpness_in_weights):
             scale = self.memory_tau.exp()[None, :, None, None]
             q = q * scale.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             k = k * scale
@@ -226,12 +226,12 @@ class InfiniAttention(nn.Module):
         """q, k, v as heads, and the memory's queries and keys (None without memory); inside
         `compiled_blocks` in one matmul."""
         if _joined and self.joined is not None:
-            q_proj, k_proj, v_proj, *memory = self.joined(x)
+            q_proj, k_proj, v_proj, *memory_proj = self.joined(x)
         else:
-            q_proj, k_proj, v_proj, memory = self.q_proj(x), self.k_proj(x), self.v_proj(x), ()
+            q_proj, k_proj, v_proj, memory_proj = self.q_proj(x), self.k_proj(x), self.v_proj(x), ()
         q, k = self._heads(q_proj, self.q_norm), self._heads(k_proj, self.k_norm)
         v = self._heads(v_proj, None)
-        mq, mk = self._memory_qk(x, q, k, q_proj, k_proj, memory) if self.has_memory else (None, None)
+        mq, mk = self._memory_qk(x, q, k, q_proj, k_proj, memory_proj) if self.has_memory else (None, None)
         return q, k, v, mq, mk
 
     def _sliding_layer(self, state: LayerState, q, k, v) -> torch.Tensor:
@@ -380,9 +380,9 @@ class InfiniAttention(nn.Module):
         """S whole segments starting at a segment boundary, each attending to itself (and
         its predecessor with xl_window) as one batch, the memory through the dispatch op."""
         spec, cos, sin = self._block_spec(state, q)
-        out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk,
-                                                           *self._block_state(state, q))
-        self._after_block(state, spec, q.shape[2] // spec.segment_len, kept_of_block(spec, k, v), memory)
+        reads = self._block_state(state, q)
+        out, memory = _block_version(whole_segments, spec)(spec, self.memory_gate, cos, sin, q, k, v, mq, mk, *reads)
+        self._after_block(state, spec, q.shape[2] // spec.segment_len, kept_of_block(spec, k, v, reads[0]), memory)
         return out
 
     def _block_spec(self, state: LayerState, like: torch.Tensor):
@@ -394,7 +394,7 @@ class InfiniAttention(nn.Module):
         sinks = self._opening_sinks() if opens else state.sink_k.shape[2]
         window = sinks + (2 + kernel if cfg.xl_window else 1) * cfg.segment_len
         spec = BlockSpec(cfg.segment_len, cfg.rule, cfg.xl_window, cfg.memory_lag > 0, self.scaling,
-                         self.n_kv_heads, impl, kernel, opens, self._opening_sinks())
+                         self.n_kv_heads, impl, kernel, opens)
         return spec, *self._rope.get(window, like, self.layer_type)
 
     def _opening_sinks(self) -> int:
@@ -470,7 +470,6 @@ class BlockSpec:
     impl: str  # of the memory op
     window_kernel: bool = False  # local attention, read and gate in one Triton kernel (ingest)
     opens: bool = False  # the block opens a document (window kernel only; the state given: stand-ins)
-    sinks: int = 0  # the tokens a block that opens a document keeps as its sinks
 
 
 def whole_segments(spec: BlockSpec, gate, cos, sin, q, k, v, mq, mk, sink_k, sink_v, win_k, win_v,
@@ -547,17 +546,18 @@ def attend_block(attn: InfiniAttention, spec: BlockSpec, x, cos, sin, *state: to
     state keeps of the block's keys and values (`kept_of_block`), and the memory after it."""
     q, k, v, mq, mk = attn._project(x)
     out, memory = whole_segments(spec, attn.memory_gate, cos, sin, q, k, v, mq, mk, *state)
-    return attn.o_proj(out.transpose(1, 2).flatten(2)), kept_of_block(spec, k, v), memory
+    return attn.o_proj(out.transpose(1, 2).flatten(2)), kept_of_block(spec, k, v, state[0]), memory
 
 
-def kept_of_block(spec: BlockSpec, k, v) -> tuple:
+def kept_of_block(spec: BlockSpec, k, v, sink_k) -> tuple:
     """What the state keeps of a block's keys and values (None where nothing): its last
-    segment, the next window, and for a block that opens a document its first tokens, the
-    sinks; as tensors of their own, since views would keep the block's projections alive
-    (with q, k and v in one matmul: 113 MB a layer in a 32K-token block, 3.4 GB in all)."""
-    n = spec.segment_len
+    segment, the next window, and for a block that opens a document its first tokens, as
+    many as `sink_k` (the sinks it read) holds; as tensors of their own, since views would
+    keep the block's projections alive (with q, k and v in one matmul: 113 MB a layer in a
+    32K-token block, 3.4 GB in all)."""
+    n, p = spec.segment_len, sink_k.shape[2]
     window = [x[:, :, -n:].contiguous() for x in (k, v)] if spec.xl_window else [None, None]
-    sinks = [x[:, :, :spec.sinks].contiguous() for x in (k, v)] if spec.opens else [None, None]
+    sinks = [x[:, :, :p].contiguous() for x in (k, v)] if spec.opens else [None, None]
     return *window, *sinks
 
 
