@@ -318,6 +318,8 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
     for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]:
         ms = getattr(e, key) / 1e3
         lines.append(f"| `{kernel_name(e.key)}` | {e.count} | {ms:,.1f} | {100 * ms / total_ms:.1f}% |")
+    if cuda:  # what the CPU does meanwhile: a short document's launches and copies
+        lines += ["", "Operators by their own CPU time while reading (profiled):", ""] + cpu_table(prof, top)
     # the first answer token from that snapshot, held in memory: where its CPU time goes
     question = torch.randint(0, 49152, (QUESTION_TOKENS,)).tolist()
     first = lambda: first_token(model, state, question, prompt_logits)
@@ -327,14 +329,18 @@ def profile_ingest(model, n: int, block_segments: int, device_name: str, rule: s
     ttft_ms = (time.perf_counter() - start) * 1e3
     with profile(activities=activities) as prof:
         first()
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     lines += ["", f"Time to the first token of a {QUESTION_TOKENS}-token question from that snapshot in memory (CUDA graphs): "
-              f"{ttft_ms:.0f} ms unprofiled. Operators by their own CPU time (profiled):", "",
-              "| operator | calls | CPU ms | device ms |", "|---|---|---|---|"]
-    for e in ops:
+              f"{ttft_ms:.0f} ms unprofiled. Operators by their own CPU time (profiled):", ""] + cpu_table(prof, top)
+    return "\n".join(lines) + "\n"
+
+
+def cpu_table(prof, top: int) -> list[str]:
+    """Markdown rows of the profiled operators that took the most CPU time of their own."""
+    lines = ["| operator | calls | CPU ms | device ms |", "|---|---|---|---|"]
+    for e in sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
         lines.append(f"| `{e.key[:90]}` | {e.count} | {e.self_cpu_time_total / 1e3:,.1f} | "
                      f"{getattr(e, 'self_device_time_total', 0) / 1e3:,.1f} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def graph_costs(model, block_segments: int, device_name: str, rule: str, repeats: int = 20) -> str:
