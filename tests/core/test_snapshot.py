@@ -72,6 +72,27 @@ def test_a_read_leaves_a_state_with_tensors_of_its_own(model):
             assert t is None or (t._base is None and t.is_contiguous()), name
 
 
+def test_a_state_is_copied_out_in_one_list_per_dtype(monkeypatch):
+    """The fp32 memory and the bf16 keys go to separate `_foreach_copy_` calls (a list of
+    mixed dtypes leaves its fast path and copies tensor by tensor); the copies are equal
+    tensors of their own."""
+    from infini_core.state import LayerState, own_tensors
+
+    window = torch.randn(1, 3, 40, 8, dtype=torch.bfloat16)
+    layers = [LayerState(M=torch.randn(1, 3, 8, 8), z=torch.rand(1, 3, 8), win_k=window[:, :, 8:],
+                         win_v=torch.randn(1, 3, 32, 8, dtype=torch.bfloat16)) for _ in range(3)]
+    before = [{name: getattr(layer, name).clone() for name in ("M", "z", "win_k", "win_v")} for layer in layers]
+    calls, copy = [], torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: calls.append({t.dtype for t in src}) or copy(dst, src))
+    own_tensors(layers)
+    assert sorted(calls, key=str) == [{torch.bfloat16}, {torch.float32}]
+    for layer, old in zip(layers, before):
+        for name, tensor in old.items():
+            new = getattr(layer, name)
+            assert new._base is None and new.is_contiguous()
+            torch.testing.assert_close(new, tensor, atol=0, rtol=0)
+
+
 @pytest.mark.slow
 def test_compiled_blocks_read_as_eager_blocks_do(model):
     """torch.compile of the memory layers' blocks (projections to output) and of the decoder
