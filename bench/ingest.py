@@ -277,7 +277,7 @@ def main() -> None:
             try:
                 secs, _, _ = measure(lambda: base(input_ids=full[None], use_cache=False, logits_to_keep=1).logits.argmax(),
                                      repeats=repeats)
-                record(path="hf_reread_ttft", tokens=n, seconds=secs)
+                record(path="hf_reread_ttft", tokens=n, seconds=secs, repeats=repeats)
             except torch.OutOfMemoryError:
                 record(path="hf_reread_ttft", tokens=n, error="out of memory")
         del state

@@ -100,20 +100,18 @@ def own_tensors(layers: list[LayerState]) -> None:
     keys, none shared with another state. Copied in a few kernels where the tensors allow
     (contiguous ones: a CUDA graph's buffers), not one per tensor: the default model's
     state is 330 of them, each a launch from Python at the end of every document."""
-    named = [(layer, name, t.detach()) for layer in layers for name in LAYER_TENSORS
-             if (t := getattr(layer, name)) is not None]
-    copies = [torch.empty_like(t, memory_format=torch.contiguous_format) for _, _, t in named]
     # one copy per dtype (the fp32 memory, the 16-bit keys and values): lists of mixed
     # dtypes leave the fast path, and copy tensor by tensor
     by_dtype: dict[torch.dtype, tuple[list, list]] = {}
-    for (_, _, t), copy in zip(named, copies):
-        targets, sources = by_dtype.setdefault(t.dtype, ([], []))
-        targets.append(copy)
-        sources.append(t)
+    for layer in layers:
+        for name in LAYER_TENSORS:
+            if (t := getattr(layer, name)) is not None:
+                targets, sources = by_dtype.setdefault(t.dtype, ([], []))
+                targets.append(torch.empty_like(t, memory_format=torch.contiguous_format))
+                sources.append(t.detach())
+                setattr(layer, name, targets[-1])
     for targets, sources in by_dtype.values():
         torch._foreach_copy_(targets, sources)
-    for (layer, name, _), copy in zip(named, copies):
-        setattr(layer, name, copy)
 
 
 # -- the whole state of a document, and its file ------------------------------------------
