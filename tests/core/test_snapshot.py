@@ -595,9 +595,7 @@ def test_the_shipped_adapter_loads_by_default_and_keeps_short_texts_near_the_bas
     text = fetch("sentencepiece==0.2.3", "sentencepiece-0.2.3/test/botchan.txt", sdist=True).read_text()
     ids = model.tokenizer(text, add_special_tokens=False).input_ids
     base = AutoModelForCausalLM.from_pretrained(loading.checkpoint_dir(loading.DEFAULT_MODEL), dtype=torch.float32)
-    full, ours = [], []
-    for piece in (ids[:4096], ids[4096:8192]):
-        full.append(full_context_nll(base, piece, "cpu").mean())
-        ours.append(stream_nll(model, piece).mean())
-        assert ours[-1] < stream_nll(closed, piece).mean()
-    assert math.exp(sum(ours) / 2 - sum(full) / 2) < 1.02, (full, ours)
+    piece = ids[4096:8192]  # one excerpt: each 4,096-token read costs ~10 s of CI's 2 cores
+    full, ours = full_context_nll(base, piece, "cpu").mean(), stream_nll(model, piece).mean()
+    assert ours < stream_nll(closed, piece).mean()
+    assert math.exp(ours - full) < 1.02, (full, ours)
