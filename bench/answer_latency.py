@@ -2,9 +2,13 @@
 retrieved passages and the question after the document's memory.
 
     python bench/answer_latency.py --text .gpu/data/eval/botchan.txt --out OUT/latency [--unfinished 500]
+    python bench/answer_latency.py --text A.txt --text B.txt --out OUT/latency --snapshot doc.infini
 
-Reads the text once with the default model and its adapter, saves the snapshot, then times
-the first token of each question (best of --repeats):
+Reads the text (several --text files are one document, in order) once with the default
+model and its adapter, saves the snapshot, then times the first token of each question
+(best of --repeats). With --snapshot it answers from a snapshot of that document read
+elsewhere (a GPU worker's, say) instead of reading it here; --keep-snapshot leaves
+OUT/snapshot.infini for that. The ways timed:
 - cold: the snapshot loaded from disk and settled (its unfinished last segment read), as
   a worker does for the first question on a document;
 - warm: the settled snapshot held in memory, as the worker's cache holds it for every
@@ -46,11 +50,13 @@ def first_token_seconds(prepare, question: str, index: RetrievalIndex, model) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--text", type=Path, required=True)
+    ap.add_argument("--text", type=Path, action="append", required=True, help="a text file; repeat to join several")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--page-words", type=int, default=400)
+    ap.add_argument("--snapshot", type=Path, help="answer from this snapshot of the document instead of reading it")
+    ap.add_argument("--keep-snapshot", action="store_true", help="leave OUT/snapshot.infini")
     ap.add_argument("--unfinished", type=int, help="cut the text's end so this many tokens (< the segment "
                     "length) are left in its unfinished last segment: how much a question on an unsettled "
                     "snapshot reads again depends on it")
@@ -59,7 +65,9 @@ def main() -> None:
     model = load_model(device=args.device)
     on_gpu = model.device.type == "cuda"
     device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
-    words = args.text.read_text(errors="replace").split()
+    words = [w for path in args.text for w in path.read_text(errors="replace").split()]
+    name = (args.text[0].name if len(args.text) == 1
+            else f"{len(args.text)} texts joined ({args.text[0].name} to {args.text[-1].name})")
     # what ingest reads, so the passages' token offsets match the stream (as the workers do)
     pages = page_texts((n + 1, " ".join(words[i:i + args.page_words]))
                        for n, i in enumerate(range(0, len(words), args.page_words)))
@@ -71,11 +79,18 @@ def main() -> None:
         if not 0 <= args.unfinished < n:
             ap.error(f"--unfinished must be in [0, {n})")
         document = ids[:(len(ids) - args.unfinished) // n * n + args.unfinished]
-    start = time.perf_counter()
-    state = ingest(model, document)
-    read_s = time.perf_counter() - start
     snap = args.out / "snapshot.infini"
-    state.save(snap)
+    if args.snapshot:
+        snap, read_s = args.snapshot, None
+        state = MemoryState.load(snap, model.fingerprint)
+        tokens = sum(len(piece) for piece in document_tokens(model, document, at_start=True))
+        if state.tokens != tokens:
+            ap.error(f"{snap} read {state.tokens:,} tokens, the text is {tokens:,}: not a snapshot of it")
+    else:
+        start = time.perf_counter()
+        state = ingest(model, document)
+        read_s = time.perf_counter() - start
+        state.save(snap)
     load = lambda: MemoryState.load(snap, model.fingerprint, device=model.device, dtype=model.lm.dtype)
 
     def loaded_and_settled():
@@ -95,14 +110,15 @@ def main() -> None:
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
-    md = [f"Time to the first answer token, {args.text.name} ({state.tokens:,} tokens, {len(state.pending)} in "
+    md = [f"Time to the first answer token, {name} ({state.tokens:,} tokens, {len(state.pending)} in "
           f"its unfinished last segment), three passages and the question; best of {args.repeats}, on {device}.",
           "", "| question | " + " | ".join(ways) + " |", "|---|" + "---|" * len(ways)]
     for question in QUESTIONS:
         cells = [f"{r['seconds']:.2f} s" for r in rows if r["question"] == question]
         md.append(f"| {question} | " + " | ".join(cells) + " |")
     (args.out / "answer_latency.md").write_text("\n".join(md) + "\n")
-    snap.unlink()
+    if not (args.snapshot or args.keep_snapshot):
+        snap.unlink()
 
 
 if __name__ == "__main__":
