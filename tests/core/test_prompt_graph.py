@@ -21,7 +21,8 @@ CONFIGS = {"default": InfiniConfig(segment_len=16, gate_init=0.0),
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def model(request, tmp_path_factory):
-    return load_model(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), infini=CONFIGS[request.param], device="cpu")
+    return load_model(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), infini=CONFIGS[request.param],
+                      dtype=torch.float32, device="cpu")
 
 
 def test_buckets_are_powers_of_four_up_to_a_segment(model):
@@ -61,7 +62,8 @@ def test_states_the_buffers_do_not_fit_are_read_eagerly(model, tmp_path):
     settle(model, short)  # in its first segment: the memory is still empty
     assert short.layers[0].seg_k.shape[2] == 10 and not graphs.fits(short)
     assert graphs.fits(ingest(model, TEXT))
-    gemma = load_model(save_tiny_checkpoint(tmp_path, arch="gemma3"), infini=InfiniConfig(segment_len=16), device="cpu")
+    gemma = load_model(save_tiny_checkpoint(tmp_path, arch="gemma3"), infini=InfiniConfig(segment_len=16),
+                       dtype=torch.float32, device="cpu")
     assert not PromptGraphs.supports(gemma)  # sliding layers keep windows of their own length
 
 

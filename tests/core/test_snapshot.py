@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    m = load_model(checkpoint, infini=InfiniConfig(segment_len=16, gate_init=0.0), device="cpu")
+    m = load_model(checkpoint, infini=InfiniConfig(segment_len=16, gate_init=0.0), dtype=torch.float32, device="cpu")
     return m
 
 
@@ -130,7 +130,7 @@ def test_joined_projections_read_as_separate_ones(arch, tmp_path, monkeypatch):
     from infini_core.attention import InfiniAttention, compiled_blocks
 
     model = load_model(save_tiny_checkpoint(tmp_path, arch=arch), infini=InfiniConfig(segment_len=16, gate_init=0.0),
-                       device="cpu")
+                       dtype=torch.float32, device="cpu")
     made_up = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for attn in (m for m in model.lm.modules() if isinstance(m, InfiniAttention) and m.has_memory):
@@ -165,7 +165,8 @@ def test_only_plain_linear_layers_join(tmp_path, monkeypatch):
         def forward(self, x):
             return super().forward(x) + 0.5
 
-    model = load_model(save_tiny_checkpoint(tmp_path), infini=InfiniConfig(segment_len=16, gate_init=0.0), device="cpu")
+    model = load_model(save_tiny_checkpoint(tmp_path), infini=InfiniConfig(segment_len=16, gate_init=0.0),
+                       dtype=torch.float32, device="cpu")
     for layer in model.lm.base_model.layers:
         for module, name in ((layer.self_attn, "k_proj"), (layer.mlp, "up_proj")):
             plain = getattr(module, name)
@@ -435,13 +436,14 @@ def test_bad_states_raise_their_specific_errors(model, checkpoint, tmp_path):
     with pytest.raises(StateFormatError, match="format version 9"):
         MemoryState.load(tmp_path / "future.infini")
 
-    other_segments = load_model(checkpoint, infini=InfiniConfig(segment_len=32, gate_init=0.0), device="cpu")
+    other_segments = load_model(checkpoint, infini=InfiniConfig(segment_len=32, gate_init=0.0), dtype=torch.float32,
+                                device="cpu")
     with pytest.raises(StateMismatchError, match="segment_len=16"):
         MemoryState.load(good, other_segments.fingerprint)
     with pytest.raises(StateMismatchError):
         ingest(other_segments, "more text", state)
 
-    other_weights = load_model(save_tiny_checkpoint(tmp_path / "other", seed=1), device="cpu",
+    other_weights = load_model(save_tiny_checkpoint(tmp_path / "other", seed=1), dtype=torch.float32, device="cpu",
                                infini=InfiniConfig(segment_len=16, gate_init=0.0))
     with pytest.raises(StateMismatchError, match="base weights differ"):
         MemoryState.load(good, other_weights.fingerprint)
@@ -583,12 +585,12 @@ def test_the_shipped_adapter_loads_by_default_and_keeps_short_texts_near_the_bas
     from infini_core.eval.perplexity import full_context_nll, stream_nll
     from tests.datasets import fetch
 
-    model = load_model(device="cpu")
+    model = load_model(dtype=torch.float32, device="cpu")
     assert model.fingerprint["source"]["adapter"] == "default" and model.fingerprint["adapter"]
     shipped = load_file(loading.DEFAULT_ADAPTER)
     for name, p in memory_parameters(model.lm).items():
         torch.testing.assert_close(p, shipped[name].float())
-    closed = load_model(device="cpu", adapter="none")
+    closed = load_model(dtype=torch.float32, device="cpu", adapter="none")
     assert closed.fingerprint["adapter"] is None
     assert all((g < -9).all() for g in gate_parameters(closed.lm))
 
@@ -599,3 +601,29 @@ def test_the_shipped_adapter_loads_by_default_and_keeps_short_texts_near_the_bas
     full, ours = full_context_nll(base, piece, "cpu").mean(), stream_nll(model, piece).mean()
     assert ours < stream_nll(closed, piece).mean()
     assert math.exp(ours - full) < 1.02, (full, ours)
+
+
+@pytest.mark.slow
+def test_a_cpu_that_multiplies_bf16_reads_in_bf16_as_well_as_in_fp32():
+    """Where the CPU multiplies bf16 natively (as CI's does), the default model loads in bf16
+    and reads prose within 0.5% of fp32's perplexity; its memory (M, z) stays fp32."""
+    from infini_core import loading
+    from infini_core.eval.perplexity import stream_nll
+    from tests.datasets import fetch
+
+    if not loading.cpu_multiplies_bf16():
+        pytest.skip("this CPU has no native bf16 (avx512_bf16, amx_bf16): the default stays fp32")
+    fast, exact = load_model(device="cpu"), load_model(dtype=torch.float32, device="cpu")
+    assert fast.lm.dtype == torch.bfloat16 and fast.fingerprint == exact.fingerprint  # one snapshot serves both
+    text = fetch("sentencepiece==0.2.3", "sentencepiece-0.2.3/test/botchan.txt", sdist=True).read_text()
+    piece = fast.tokenizer(text, add_special_tokens=False).input_ids[:2048]
+    assert all(layer.M.dtype == layer.z.dtype == torch.float32 for layer in ingest(fast, piece).layers if layer.M is not None)
+    assert abs(stream_nll(fast, piece).mean() - stream_nll(exact, piece).mean()) < 0.005
+
+
+def test_a_cpu_without_native_bf16_loads_in_fp32(tmp_path, monkeypatch):
+    from infini_core import loading
+
+    monkeypatch.setattr(loading, "cpu_multiplies_bf16", lambda: False)  # emulated bf16 would be slower
+    assert load_model(save_tiny_checkpoint(tmp_path), device="cpu").lm.dtype == torch.float32
+    assert loading.default_dtype(torch.device("cuda")) == torch.bfloat16

@@ -23,7 +23,7 @@ TEXT = "The lighthouse keeper read the old book in the lamp room. " * 300
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return load_model(save_tiny_checkpoint(tmp_path_factory.mktemp("tiny")), infini=InfiniConfig(segment_len=256),
-                      device="cpu")
+                      dtype=torch.float32, device="cpu")
 
 
 def test_passkey_sample_places_the_key_where_it_says(model):
@@ -220,12 +220,12 @@ def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
     lines = (tmp_path / "train.jsonl").read_text().splitlines()
     assert len(lines) == 3 and "gate_mean" in lines[0]
     folder = model.fingerprint["source"]["model"]
-    loaded = load_model(folder, adapter=path, device="cpu")
+    loaded = load_model(folder, adapter=path, dtype=torch.float32, device="cpu")
     for name, p in memory_parameters(loaded.lm).items():
         torch.testing.assert_close(p, memory_parameters(model.lm)[name].bfloat16().float())  # stored in bf16
     assert loaded.fingerprint["adapter"] and loaded.config == model.config
     with pytest.raises(ModelLoadError, match="trained for the conversion"):  # never silently another one
-        load_model(folder, adapter=path, device="cpu", infini=InfiniConfig(segment_len=128))
+        load_model(folder, adapter=path, dtype=torch.float32, device="cpu", infini=InfiniConfig(segment_len=128))
     # resuming from the checkpoint continues at the saved step
     more = train(model, corpus, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 4}), log=lambda row: None)
     assert more.exists() and len((tmp_path / "train.jsonl").read_text().splitlines()) == 4
@@ -236,11 +236,11 @@ def test_training_goes_on_from_an_adapter(model, tmp_path):
     cfg = TrainConfig(steps=2, batch_size=2, curriculum_steps=1, max_segments=3)
     first = train(model, corpus, tmp_path / "first", cfg, log=lambda row: None)
     folder = model.fingerprint["source"]["model"]
-    fresh = load_model(folder, infini=model.config, adapter=None, device="cpu")
+    fresh = load_model(folder, infini=model.config, adapter=None, dtype=torch.float32, device="cpu")
     start = train(fresh, corpus, tmp_path / "next", TrainConfig(steps=0, init_adapter=str(first)), log=lambda row: None)
-    for name, p in memory_parameters(load_model(folder, adapter=start, device="cpu").lm).items():
+    for name, p in memory_parameters(load_model(folder, adapter=start, dtype=torch.float32, device="cpu").lm).items():
         torch.testing.assert_close(p, memory_parameters(model.lm)[name].bfloat16().float())
-    other = load_model(folder, infini=InfiniConfig(segment_len=128), adapter=None, device="cpu")
+    other = load_model(folder, infini=InfiniConfig(segment_len=128), adapter=None, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="was trained for"):
         train(other, corpus, tmp_path / "other", TrainConfig(steps=0, init_adapter=str(first)), log=lambda row: None)
 
