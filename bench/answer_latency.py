@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--text", type=Path, action="append", required=True, help="a text file; repeat to join several")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the model's (bf16 on a GPU or a CPU "
+                    "that multiplies bf16 natively, else fp32)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--page-words", type=int, default=400)
     ap.add_argument("--snapshot", type=Path, help="answer from this snapshot of the document instead of reading it")
@@ -62,7 +64,7 @@ def main() -> None:
                     "snapshot reads again depends on it")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = load_model(device=args.device)
+    model = load_model(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     on_gpu = model.device.type == "cuda"
     device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
     words = [w for path in args.text for w in path.read_text(errors="replace").split()]
@@ -106,16 +108,20 @@ def main() -> None:
             for way, prepare in ways.items():
                 secs = min(first_token_seconds(prepare, question, index, model) for _ in range(args.repeats))
                 row = dict(way=way, question=question, seconds=secs, document_tokens=state.tokens,
-                           unfinished_segment_tokens=len(state.pending), read_seconds=read_s, device=device)
+                           unfinished_segment_tokens=len(state.pending), read_seconds=read_s, device=device,
+                           dtype=str(model.lm.dtype).removeprefix("torch."))
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
     md = [f"Time to the first answer token, {name} ({state.tokens:,} tokens, {len(state.pending)} in "
-          f"its unfinished last segment), three passages and the question; best of {args.repeats}, on {device}.",
+          f"its unfinished last segment), three passages and the question; best of {args.repeats}, on {device}, "
+          f"{model.lm.dtype}.",
           "", "| question | " + " | ".join(ways) + " |", "|---|" + "---|" * len(ways)]
     for question in QUESTIONS:
         cells = [f"{r['seconds']:.2f} s" for r in rows if r["question"] == question]
         md.append(f"| {question} | " + " | ".join(cells) + " |")
+    if read_s is not None:
+        md.append(f"\nRead here in {read_s:.1f} s: {state.tokens / read_s:,.0f} tokens/s.")
     (args.out / "answer_latency.md").write_text("\n".join(md) + "\n")
     if not (args.snapshot or args.keep_snapshot):
         snap.unlink()
