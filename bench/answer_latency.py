@@ -67,6 +67,7 @@ def main() -> None:
     model = load_model(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     on_gpu = model.device.type == "cuda"
     device = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads ({platform.machine()})"
+    dtype = str(model.lm.dtype).removeprefix("torch.")
     words = [w for path in args.text for w in path.read_text(errors="replace").split()]
     name = (args.text[0].name if len(args.text) == 1
             else f"{len(args.text)} texts joined ({args.text[0].name} to {args.text[-1].name})")
@@ -109,13 +110,13 @@ def main() -> None:
                 secs = min(first_token_seconds(prepare, question, index, model) for _ in range(args.repeats))
                 row = dict(way=way, question=question, seconds=secs, document_tokens=state.tokens,
                            unfinished_segment_tokens=len(state.pending), read_seconds=read_s, device=device,
-                           dtype=str(model.lm.dtype).removeprefix("torch."))
+                           dtype=dtype)
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
     md = [f"Time to the first answer token, {name} ({state.tokens:,} tokens, {len(state.pending)} in "
           f"its unfinished last segment), three passages and the question; best of {args.repeats}, on {device}, "
-          f"{model.lm.dtype}.",
+          f"{dtype}.",
           "", "| question | " + " | ".join(ways) + " |", "|---|" + "---|" * len(ways)]
     for question in QUESTIONS:
         cells = [f"{r['seconds']:.2f} s" for r in rows if r["question"] == question]
