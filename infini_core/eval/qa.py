@@ -432,15 +432,17 @@ def main(argv=None) -> None:
     data = find_data(args.data)
     model = load_model(args.model, adapter=args.adapter, device=args.device)
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else str(model.device)
+    dtype = str(model.lm.dtype).removeprefix("torch.")  # bf16 on a GPU and on some CPUs (load_model)
     args.out.mkdir(parents=True, exist_ok=True)
     samples = build_samples(data, model.tokenizer, [int(n) for n in args.lengths.split(",")], args.questions,
                             dataset=args.dataset, seed=args.seed, page_words=args.page_words)
     head = (f"Long-document QA ({args.dataset}, seed {args.seed}, k={args.k}, {args.max_new_tokens} new tokens) on "
-            f"{device}. Model {args.model}, adapter {args.adapter or 'none'}.")
+            f"{device} ({dtype}). Model {args.model}, adapter {args.adapter or 'none'}.")
     done = []
     with open(args.out / "qa.jsonl", "w") as log:
         def record(row):
-            log.write(json.dumps({**row, "dataset": args.dataset, "device": device, "k": args.k}) + "\n")
+            log.write(json.dumps({**row, "dataset": args.dataset, "device": device, "dtype": dtype, "k": args.k})
+                      + "\n")
             log.flush()
             print(f"{row['target_tokens']:>8} {row['mode']:<9} depth {row['depth']:.2f} em {row['em']:.0f} "
                   f"f1 {row['f1']:.2f} ttft {1000 * row['ttft_s']:.0f} ms  {row['prediction'][:60]!r}", flush=True)

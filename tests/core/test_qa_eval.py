@@ -150,8 +150,9 @@ def run(tmp_path_factory, data):
 
 
 def test_cli_writes_one_row_per_sample_and_mode_and_a_summary_table(run):
-    rows, calls, md, _ = run
+    rows, calls, md, model = run
     assert [r["mode"] for r in rows] == ["retrieval", "memory", "both"] * 2
+    assert {(r["device"], r["dtype"]) for r in rows} == {("cpu", str(model.lm.dtype).removeprefix("torch."))}
     assert len({r["id"] for r in rows}) == 2 and {r["target_tokens"] for r in rows} == {2048}
     assert len({r["tokens"] for r in rows[:3]}) == 1  # the same document in every mode
     for r in rows:
