@@ -82,10 +82,10 @@ def main() -> None:
         if not 0 <= args.unfinished < n:
             ap.error(f"--unfinished must be in [0, {n})")
         document = ids[:(len(ids) - args.unfinished) // n * n + args.unfinished]
-    snap = args.out / "snapshot.infini"
+    snap = args.snapshot or args.out / "snapshot.infini"
+    load = lambda: MemoryState.load(snap, model.fingerprint, device=model.device, dtype=model.lm.dtype)
     if args.snapshot:
-        snap, read_s = args.snapshot, None
-        state = MemoryState.load(snap, model.fingerprint)
+        state, read_s = load(), None
         tokens = sum(len(piece) for piece in document_tokens(model, document, at_start=True))
         if state.tokens != tokens:
             ap.error(f"{snap} read {state.tokens:,} tokens, the text is {tokens:,}: not a snapshot of it")
@@ -94,14 +94,13 @@ def main() -> None:
         state = ingest(model, document)
         read_s = time.perf_counter() - start
         state.save(snap)
-    load = lambda: MemoryState.load(snap, model.fingerprint, device=model.device, dtype=model.lm.dtype)
 
     def loaded_and_settled():
         s = load()
         settle(model, s)
         return s
 
-    held, settled = load(), loaded_and_settled()
+    held, settled = (state if args.snapshot else load()), loaded_and_settled()
     ways = {"cold": loaded_and_settled, "warm": lambda: settled, "warm, unsettled": lambda: held}
     rows = []
     with open(args.out / "answer_latency.jsonl", "w") as out:

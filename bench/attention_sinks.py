@@ -16,10 +16,9 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from infini_core.eval.perplexity import full_context_nll, stream_nll
-from infini_core.loading import DEFAULT_MODEL, checkpoint_dir, load_adapter_tensors, load_model, read_adapter
+from infini_core.eval.perplexity import base_model, full_context_nll, stream_nll
+from infini_core.loading import load_adapter_tensors, load_model, read_adapter
 
 
 def main() -> None:
@@ -33,8 +32,7 @@ def main() -> None:
     tensors, config = read_adapter(args.adapter) if args.adapter else (None, None)
     closed = load_model(adapter=None, device=args.device, infini=config)
     ids = closed.tokenizer(args.text.read_text(errors="replace"), add_special_tokens=False).input_ids[:args.tokens]
-    base = AutoModelForCausalLM.from_pretrained(checkpoint_dir(DEFAULT_MODEL), dtype=closed.lm.dtype).to(closed.device)
-    runs = {"Hugging Face, whole text in context": full_context_nll(base.eval(), ids, closed.device)}
+    runs = {"Hugging Face, whole text in context": full_context_nll(base_model(closed), ids, closed.device)}
     for adapter in ([False, True] if tensors else [False]):
         for sinks in (0, closed.config.sink_tokens or 4):
             model = load_model(adapter=None, device=args.device, infini=dataclasses.replace(closed.config, sink_tokens=sinks))

@@ -16,13 +16,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from infini_core import InfiniConfig
 from infini_core.eval.passkey import passkey_table, run_passkey
 from infini_core.eval.recall import run_recall
-from infini_core.eval.perplexity import bucketed_perplexity, full_context_nll, gain_by_half, perplexity, stream_nll
-from infini_core.loading import DEFAULT_MODEL, checkpoint_dir, load_model
+from infini_core.eval.perplexity import (base_model, bucketed_perplexity, full_context_nll, gain_by_half, perplexity,
+                                         stream_nll)
+from infini_core.loading import DEFAULT_MODEL, load_model
 
 
 def main() -> None:
@@ -55,8 +55,7 @@ def main() -> None:
     # gate closed: segment-only
     closed = load_model(args.model, infini=trained.config if trained else InfiniConfig(), adapter=None)
     # the unconverted model, for its full context where the text fits
-    base = AutoModelForCausalLM.from_pretrained(checkpoint_dir(args.model), dtype=closed.lm.dtype,
-                                                attn_implementation="sdpa").to(closed.device).eval()
+    base = base_model(closed)
     md = [f"GPU: {gpu}. Model {args.model}, adapter {args.adapter or 'none'}.", ""]
 
     def write_md():  # after every part: a run cut short by a time limit keeps what it measured

@@ -14,10 +14,8 @@ import json
 import math
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM
-
-from infini_core.eval.perplexity import full_context_nll, stream_nll
-from infini_core.loading import DEFAULT_MODEL, checkpoint_dir, load_model
+from infini_core.eval.perplexity import base_model, full_context_nll, stream_nll
+from infini_core.loading import DEFAULT_MODEL, load_model
 
 
 def stretch_perplexity(model, ids: list[int], position: int, before: int, stretch: int) -> float:
@@ -40,8 +38,7 @@ def main() -> None:
     closed = load_model(DEFAULT_MODEL, adapter=None)
     memory = load_model(DEFAULT_MODEL, adapter=args.adapter)
     windows = [int(w) for w in args.windows.split(",")]
-    base = (AutoModelForCausalLM.from_pretrained(checkpoint_dir(DEFAULT_MODEL), dtype=memory.lm.dtype).to(memory.device)
-            if args.full_attention else None)
+    base = base_model(memory) if args.full_attention else None
     context = base.config.max_position_embeddings if base else 0
     full = [w for w in windows if w + args.stretch <= context]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,17 @@ def stream_nll(model, ids: list[int], block_segments: int = 8) -> torch.Tensor:
     return torch.cat(nll).cpu()
 
 
+def base_model(model):
+    """The unconverted model that `model` was made from, in its dtype and on its device:
+    the reference that reads a text whole, where the text fits its context."""
+    from transformers import AutoModelForCausalLM
+
+    from ..loading import checkpoint_dir
+
+    return AutoModelForCausalLM.from_pretrained(checkpoint_dir(model.fingerprint["source"]["model"]),
+                                                dtype=model.lm.dtype, attn_implementation="sdpa").to(model.device).eval()
+
+
 def full_context_nll(lm, ids: list[int], device) -> torch.Tensor:
     """The base model reading the text in one forward (only where it fits its context)."""
     with torch.no_grad():
