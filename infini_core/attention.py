@@ -40,15 +40,6 @@ class InfiniConfig:
     # zero at start (so they begin as copies, and the adapter stays a few MB)
     own_memory_qk: bool = True
     memory_qk_rank: int = 32
-    # the memory's queries and keys as this many copies of the attention's side by side,
-    # each with a low-rank delta of its own: M is copies*head_dim x head_dim per KV head,
-    # with more room to keep keys apart (a 64 x 64 memory keeps a third of what full
-    # attention gains from the same tokens: docs/results.md, nineteenth session)
-    memory_key_copies: int = 1
-    # EXPERIMENT: "dpfp" gives the memory the features of Schlag et al. 2021 (nu = 2):
-    # r = relu([x, -x]), then r * roll(r, 1) and r * roll(r, 2), 4 * head_dim in all,
-    # fed to sigma as their pre-image, so that sigma(pre-image) = those features
-    memory_features: str = "elu"
     # learnable per-KV-head sharpness of the feature map: sigma(exp(tau) * x), tau = 0 at start
     sharpness: bool = True
     # local attention also sees the whole previous segment (Transformer-XL's cache); the
@@ -76,11 +67,6 @@ class InfiniConfig:
             raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens}")
         if self.own_memory_qk and self.memory_qk_rank < 1:
             raise ValueError(f"memory_qk_rank must be >= 1, got {self.memory_qk_rank}")
-        if self.memory_features not in ("elu", "dpfp"):
-            raise ValueError(f"unknown memory_features {self.memory_features!r}")
-        if self.memory_key_copies < 1 or (self.memory_key_copies > 1 and not self.own_memory_qk):
-            raise ValueError(f"memory_key_copies must be >= 1, and above 1 only with own_memory_qk "
-                             f"(got {self.memory_key_copies}, own_memory_qk={self.own_memory_qk})")
 
     @property
     def memory_lag(self) -> int:
@@ -119,30 +105,13 @@ class RopeTable:
         return cached[0][:n], cached[1][:n]
 
 
-def low_rank(proj: nn.Linear, rank: int, copies: int = 1) -> nn.Module:
-    """A rank-`rank` delta for `proj` that starts at zero; with `copies` > 1, one for each
-    copy (each its own random down-projection, so that copies which start the same get
-    different gradients and grow apart)."""
-    if copies > 1:
-        return nn.ModuleList(low_rank(proj, rank) for _ in range(copies))
+def low_rank(proj: nn.Linear, rank: int) -> nn.Sequential:
+    """A rank-`rank` delta for `proj` that starts at zero."""
     like = proj.weight
     down = nn.Linear(proj.in_features, rank, bias=False, dtype=like.dtype, device=like.device)
     up = nn.Linear(rank, proj.out_features, bias=False, dtype=like.dtype, device=like.device)
     nn.init.zeros_(up.weight)
     return nn.Sequential(down, up)
-
-
-def dpfp_features(x: torch.Tensor) -> torch.Tensor:
-    """DPFP with nu = 2 (Schlag et al. 2021), in fp32: [..., D] -> [..., 4D], all >= 0."""
-    r = F.relu(torch.cat([x, -x], dim=-1).float())
-    return torch.cat([r * r.roll(1, dims=-1), r * r.roll(2, dims=-1)], dim=-1)
-
-
-def dpfp_preimage(x: torch.Tensor) -> torch.Tensor:
-    """What sigma = elu + 1 maps onto x's DPFP features (f >= 1: f - 1; else log f), so the
-    memory's ops, which apply sigma, read and write with DPFP features."""
-    f = dpfp_features(x)
-    return torch.where(f >= 1, f - 1, torch.log(f.clamp_min(1e-12)))
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -179,8 +148,8 @@ class InfiniAttention(nn.Module):
             like = attn.q_proj.weight
             self.memory_gate = nn.Parameter(torch.full((n_heads,), config.gate_init, dtype=like.dtype, device=like.device))
             if config.own_memory_qk:
-                self.memory_q_lora = low_rank(attn.q_proj, config.memory_qk_rank, config.memory_key_copies)
-                self.memory_k_lora = low_rank(attn.k_proj, config.memory_qk_rank, config.memory_key_copies)
+                self.memory_q_lora = low_rank(attn.q_proj, config.memory_qk_rank)
+                self.memory_k_lora = low_rank(attn.k_proj, config.memory_qk_rank)
             if config.sharpness:
                 self.memory_tau = nn.Parameter(torch.zeros(n_kv_heads, dtype=like.dtype, device=like.device))
 
@@ -196,39 +165,13 @@ class InfiniAttention(nn.Module):
         """Memory queries and keys before RoPE, with the sharpness folded in (`memory_proj`:
         their projections from `joined_weights`, where the sharpness may be in already)."""
         if self.config.own_memory_qk:
-            mq_proj, mk_proj = memory_proj or (self._copies(q_proj, self.memory_q_lora, x),
-                                               self._copies(k_proj, self.memory_k_lora, x))
-            q, k = self._memory_heads(mq_proj, self.q_norm), self._memory_heads(mk_proj, self.k_norm)
+            mq_proj, mk_proj = memory_proj or (q_proj + self.memory_q_lora(x), k_proj + self.memory_k_lora(x))
+            q, k = self._heads(mq_proj, self.q_norm), self._heads(mk_proj, self.k_norm)
         if self.config.sharpness and not (memory_proj and self._sharpness_in_weights):
             scale = self.memory_tau.exp()[None, :, None, None]
             q = q * scale.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             k = k * scale
-        if self.config.memory_features == "dpfp":
-            q, k = dpfp_preimage(q), dpfp_preimage(k)
         return q, k
-
-    def _copies(self, proj: torch.Tensor, lora: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The attention's projection plus the memory's delta, once per copy, copy after copy
-        ([B, T, copies*H*D])."""
-        if self.config.memory_key_copies == 1:
-            return proj + lora(x)
-        return torch.cat([proj + delta(x) for delta in lora], dim=-1)
-
-    def _memory_heads(self, y: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
-        """[B, T, copies*H*D] memory projections -> [B, H, T, copies*D]: each head's copies
-        side by side (normed each, for Gemma 3's q/k norms)."""
-        copies = self.config.memory_key_copies
-        if copies == 1:
-            return self._heads(y, norm)
-        b, t, _ = y.shape
-        y = y.view(b, t, copies, -1, self.head_dim)
-        y = norm(y) if norm is not None else y
-        return y.permute(0, 3, 1, 2, 4).flatten(3)
-
-    @property
-    def memory_key_dim(self) -> int:
-        """The width of the memory's keys: the rows of M."""
-        return self.config.memory_key_copies * self.head_dim * (4 if self.config.memory_features == "dpfp" else 1)
 
     @property
     def _sharpness_in_weights(self) -> bool:
@@ -243,13 +186,10 @@ class InfiniAttention(nn.Module):
         if not (self.has_memory and self.config.own_memory_qk):
             return parts
         heads = (self.n_heads // self.n_kv_heads, 1)
-        copies = self.config.memory_key_copies
         for proj, lora, per_kv_head in zip((self.q_proj, self.k_proj), (self.memory_q_lora, self.memory_k_lora), heads):
-            deltas = [lora] if copies == 1 else list(lora)
-            weight = torch.cat([proj.weight.float() + d[1].weight.float() @ d[0].weight.float() for d in deltas])
-            bias = None if proj.bias is None else proj.bias.repeat(copies)
-            if self._sharpness_in_weights:  # exp(tau) of each row's KV head, in every copy
-                scale = self.memory_tau.float().exp().repeat_interleave(per_kv_head * self.head_dim).repeat(copies)
+            weight, bias = proj.weight.float() + lora[1].weight.float() @ lora[0].weight.float(), proj.bias
+            if self._sharpness_in_weights:  # exp(tau) of each row's KV head
+                scale = self.memory_tau.float().exp().repeat_interleave(per_kv_head * self.head_dim)
                 weight, bias = weight * scale[:, None], None if bias is None else bias * scale
             parts.append((weight, bias))
         return parts
@@ -275,7 +215,7 @@ class InfiniAttention(nn.Module):
         if self._reads_whole_block(state, hidden_states):
             return self._block(state, hidden_states), None
         q, k, v, mq, mk = self._project(hidden_states)
-        state.init(k, v, self.has_memory, self.config.memory_lag, mk)
+        state.init(k, v, self.has_memory, self.config.memory_lag)
         if self.has_memory:
             out = self._memory_layer(state, q, k, v, mq, mk)
         else:
@@ -471,8 +411,7 @@ class InfiniAttention(nn.Module):
             return state.sink_k, state.sink_v, state.win_k, state.win_v, state.M, state.z, state.M_next, state.z_next
         b, h, d, n = like.shape[0], self.n_kv_heads, self.head_dim, self.config.segment_len
         keys = partial(torch.empty, dtype=like.dtype, device=like.device)
-        dk = self.memory_key_dim
-        M, z = (torch.zeros(b, h, *size, dtype=torch.float32, device=like.device) for size in ((dk, d), (dk,)))
+        M, z = (torch.zeros(b, h, *size, dtype=torch.float32, device=like.device) for size in ((d, d), (d,)))
         p = self._opening_sinks()
         return keys(b, h, p, d), keys(b, h, p, d), keys(b, h, n, d), keys(b, h, n, d), M, z, M, z
 
@@ -687,8 +626,7 @@ def window_kernel_applies(like: torch.Tensor, head_dim: int, config: InfiniConfi
     stay the accuracy reference; blocks of every length gain, docs/benchmarks.md, fifteenth
     session), where it builds and runs (tried once, never while a CUDA graph is being
     captured: a worker's warm-up read comes first)."""
-    if (torch.is_grad_enabled() or head_dim & (head_dim - 1) or not 16 <= head_dim <= 128
-            or config.memory_key_copies > 1 or config.memory_features != "elu"):  # (the kernel reads a square memory)
+    if torch.is_grad_enabled() or head_dim & (head_dim - 1) or not 16 <= head_dim <= 128:
         return False
     if _window_kernel is not None:
         return _window_kernel

@@ -146,24 +146,13 @@ def load_model(
     fingerprint = {
         "architecture": type(lm).__name__,
         "weights": weights_digest(path),
-        "conversion": conversion_fingerprint(infini),
+        "conversion": asdict(infini),
         "adapter": adapter_digest(lm) if adapter else None,
         # where it came from, to load it again; not part of the identity
         "source": {"model": str(model),
                    "adapter": "default" if adapter == DEFAULT_ADAPTER else str(adapter) if adapter else None},
     }
     return InfiniModel(lm, tokenizer, fingerprint, stop_token_ids(lm, tokenizer))
-
-
-def conversion_fingerprint(infini: InfiniConfig) -> dict:
-    """The conversion options a memory state belongs to. An option added after snapshots
-    were first made is left out at its default, so that those snapshots still load."""
-    options = asdict(infini)
-    if infini.memory_key_copies == 1:
-        del options["memory_key_copies"]
-    if infini.memory_features == "elu":
-        del options["memory_features"]
-    return options
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

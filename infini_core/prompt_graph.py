@@ -70,12 +70,11 @@ class PromptGraphs:
         dtype, device = next(lm.parameters()).dtype, model.device
         self.buffers = []
         for attn in infini_layers(lm):
-            h, d, dk = attn.n_kv_heads, attn.head_dim, attn.memory_key_dim
+            h, d = attn.n_kv_heads, attn.head_dim
             fp32 = dict(dtype=torch.float32, device=device)
-            keys = [torch.zeros(1, h, size, width, dtype=dtype, device=device)
-                    for size, width in ((sinks, d), (sinks, d), (window, d), (window, d), (2 * self.n, d),
-                                        (2 * self.n, d), (2 * self.n, dk))]
-            self.buffers.append(PaddedSegment(torch.zeros(1, h, dk, d, **fp32), torch.zeros(1, h, dk, **fp32), *keys))
+            keys = [torch.zeros(1, h, size, d, dtype=dtype, device=device)
+                    for size in (sinks, sinks, window, window, 2 * self.n, 2 * self.n, 2 * self.n)]
+            self.buffers.append(PaddedSegment(torch.zeros(1, h, d, d, **fp32), torch.zeros(1, h, d, **fp32), *keys))
         # what each buffer was last loaded from: a state's tensor is replaced, never written
         # into (MemoryState.fork), so the same tensor means the same contents
         self.sources: list[dict] = [{} for _ in self.buffers]

@@ -47,20 +47,17 @@ class LayerState:
     def segment_tokens(self) -> int:
         return 0 if self.seg_k is None else self.seg_k.shape[2]  # (a loaded snapshot stores no empty segment)
 
-    def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool, lag: int = 0,
-             mk: torch.Tensor | None = None) -> None:
+    def init(self, k: torch.Tensor, v: torch.Tensor, memory: bool, lag: int = 0) -> None:
         """Fill in what is missing (a new stream, or empty parts a snapshot leaves out),
-        shaped after this layer's keys and values (and memory keys `mk`, where they are
-        wider than the keys)."""
-        mk = k if mk is None else mk
+        shaped after this layer's keys and values."""
         if self.win_k is None:
             self.win_k, self.win_v = k[:, :, :0], v[:, :, :0]
         if memory and self.sink_k is None:
             self.sink_k, self.sink_v = k[:, :, :0], v[:, :, :0]
         if memory and self.seg_k is None:
-            self.seg_k, self.seg_v, self.seg_mk = k[:, :, :0], v[:, :, :0], mk[:, :, :0]
+            self.seg_k, self.seg_v, self.seg_mk = k[:, :, :0], v[:, :, :0], k[:, :, :0]
         if memory and self.M is None:
-            b, h, _, dk = mk.shape
+            b, h, _, dk = k.shape
             self.M = torch.zeros(b, h, dk, v.shape[-1], dtype=torch.float32, device=k.device)
             self.z = torch.zeros(b, h, dk, dtype=torch.float32, device=k.device)
         if memory and lag and self.M_next is None:

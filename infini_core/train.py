@@ -383,9 +383,6 @@ def main(argv=None) -> None:
     ap.add_argument("--segment-len", type=int, default=InfiniConfig.segment_len, help="tokens per segment")
     ap.add_argument("--rule", default=InfiniConfig.rule, choices=["linear", "delta"], help="memory update rule")
     ap.add_argument("--paper", action="store_true", help="the paper's formulation (shared Q/K, plain ELU+1)")
-    ap.add_argument("--memory-features", default="elu", choices=["elu", "dpfp"], help="EXPERIMENT: the memory's feature map")
-    ap.add_argument("--memory-key-copies", type=int, default=InfiniConfig.memory_key_copies,
-                    help="the memory's keys as this many copies of the attention's, each with a delta of its own")
     for option in fields(TrainConfig):
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if option.type in (bool, "bool") else type(option.default)
         ap.add_argument("--" + option.name.replace("_", "-"), type=kind, default=option.default,
@@ -394,8 +391,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         ap.error(f"--data {args.data}: no such folder")
-    conv = dict(segment_len=args.segment_len, rule=args.rule, memory_key_copies=args.memory_key_copies,
-                memory_features=args.memory_features)
+    conv = dict(segment_len=args.segment_len, rule=args.rule)
     infini = InfiniConfig.paper(**conv) if args.paper else InfiniConfig(**conv)
     if args.init_adapter:  # training goes on with the conversion that adapter was trained for
         infini = read_adapter(args.init_adapter)[1]

@@ -164,40 +164,6 @@ def test_streaming_in_pieces_equals_one_pass(arch, rule, xl_window):
             torch.testing.assert_close(a.z, b.z, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_memory_key_copies_start_as_one_memory_and_grow_apart(arch):
-    """Copies of the memory's queries and keys, their deltas still zero, read what one copy
-    reads (numerator and denominator of every read are doubled, and the delta rule writes
-    each copy alike). Once the deltas differ, M has a row per key feature of every copy,
-    and pieces and single tokens still read as one pass."""
-    base = tiny_model(arch)
-    one, two = (convert_to_infini(copy.deepcopy(base), InfiniConfig(segment_len=8, gate_init=0.0, memory_key_copies=c))
-                for c in (1, 2))
-    memory_layers = lambda model: [m for m in model.modules() if isinstance(m, InfiniAttention) and m.has_memory]
-    made_up = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for a, b in zip(memory_layers(one), memory_layers(two)):
-            b.memory_tau.copy_(a.memory_tau.normal_(0, 0.5, generator=made_up))
-    x = ids(2, 61)
-    with torch.no_grad():
-        torch.testing.assert_close(two(x).logits, one(x).logits, atol=1e-5, rtol=0)
-        for attn in memory_layers(two):
-            for delta in (*attn.memory_q_lora, *attn.memory_k_lora):
-                delta[1].weight.normal_(0, 0.5, generator=made_up)
-        whole = two(x).logits
-        assert (whole - one(x).logits).abs().max() > 1e-2
-        pieces_state, tokens_state = new_layer_states(two), new_layer_states(two)
-        pieces = [forward(two, x[:, a:b], pieces_state) for a, b in [(0, 5), (5, 13), (13, 40), (40, 61)]]
-        tokens = [forward(two, x[:, i:i + 1], tokens_state) for i in range(61)]
-    torch.testing.assert_close(torch.cat(pieces, 1), whole, atol=1e-5, rtol=0)
-    torch.testing.assert_close(torch.cat(tokens, 1), whole, atol=1e-5, rtol=0)
-    head_dim = memory_layers(two)[0].head_dim
-    memories = [(a.M, b.M) for a, b in zip(pieces_state, tokens_state) if a.M is not None]
-    assert memories and all(m.shape[-2:] == (2 * head_dim, head_dim) for m, _ in memories)
-    for a, b in memories:
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
-
-
 @pytest.mark.parametrize("variant", CONFIGS)
 def test_open_gate_backpropagates_through_time(variant):
     """A loss on the last segment reaches the first segment's keys through the memory."""
@@ -234,8 +200,6 @@ def test_memory_parameters_are_separately_addressable():
     qk = sum(l.self_attn.q_proj.weight.numel() + l.self_attn.k_proj.weight.numel() for l in model.model.layers)
     assert lora == 2 * 32 * (96 + 96 + 96 + 32) and lora < qk * 2
     assert len(gate_parameters(model)) == 2
-    copies = convert_to_infini(tiny_model("llama"), InfiniConfig(memory_key_copies=3))
-    assert sum(p.numel() for n, p in memory_parameters(copies).items() if "_lora" in n) == 3 * lora
     paper = convert_to_infini(tiny_model("llama"), InfiniConfig.paper())
     assert {n.rsplit(".", 1)[-1] for n in memory_parameters(paper)} == {"memory_gate"}
 
@@ -279,21 +243,3 @@ def test_first_segment_is_the_base_model_whatever_the_gate(arch):
         paper = convert_to_infini(copy.deepcopy(base), InfiniConfig.paper(segment_len=32, gate_init=2.0))(x).logits
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     assert (paper - expected).abs().max() > 1e-2
-
-
-def test_dpfp_memory_features_through_sigma_and_in_pieces():
-    """EXPERIMENT: sigma of the pre-image is DPFP's features, and a model with them reads in
-    pieces and token by token as in one pass."""
-    from infini_core.attention import dpfp_features, dpfp_preimage
-    from infini_core.memory import feature_map
-
-    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(feature_map(dpfp_preimage(x)), dpfp_features(x), atol=1e-6, rtol=1e-6)
-    model = convert_to_infini(tiny_model("llama"), InfiniConfig(segment_len=8, gate_init=0.0, memory_features="dpfp"))
-    x = ids(2, 61)
-    with torch.no_grad():
-        whole = model(x).logits
-        state = new_layer_states(model)
-        tokens = [forward(model, x[:, i:i + 1], state) for i in range(61)]
-    torch.testing.assert_close(torch.cat(tokens, 1), whole, atol=1e-5, rtol=0)
-    assert next(s.M for s in state if s.M is not None).shape[-2:] == (64, 16)

@@ -16,8 +16,7 @@ from tests.tiny_models import save_tiny_checkpoint
 
 
 CONFIGS = {"default": InfiniConfig(segment_len=16, gate_init=0.0),
-           "paper": InfiniConfig.paper(segment_len=16, gate_init=0.0),  # no window before the segment, no sinks
-           "copies": InfiniConfig(segment_len=16, gate_init=0.0, memory_key_copies=2)}  # memory keys twice as wide
+           "paper": InfiniConfig.paper(segment_len=16, gate_init=0.0)}  # no window before the segment, no sinks
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -231,23 +231,6 @@ def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
     assert more.exists() and len((tmp_path / "train.jsonl").read_text().splitlines()) == 4
 
 
-def test_copies_of_the_memory_keys_train_apart_and_load_as_trained(model, tmp_path):
-    """Copies that start alike get different gradients (each delta has its own random
-    down-projection), and the adapter brings its number of copies with it."""
-    folder = model.fingerprint["source"]["model"]
-    copies = load_model(folder, infini=InfiniConfig(segment_len=256, memory_key_copies=2), adapter=None,
-                        dtype=torch.float32, device="cpu")
-    cfg = TrainConfig(steps=2, batch_size=2, curriculum_steps=1, max_segments=3, log_every=1)
-    path = train(copies, copies.tokenizer(TEXT).input_ids, tmp_path, cfg, log=lambda row: None)
-    layer = next(m for m in copies.lm.modules() if hasattr(m, "memory_k_lora"))
-    first, second = (delta[1].weight for delta in layer.memory_k_lora)
-    assert first.abs().max() > 0 and (first - second).abs().max() > 1e-4
-    loaded = load_model(folder, adapter=path, dtype=torch.float32, device="cpu")
-    assert loaded.config.memory_key_copies == 2 and loaded.fingerprint["conversion"]["memory_key_copies"] == 2
-    for name, p in memory_parameters(loaded.lm).items():
-        torch.testing.assert_close(p, memory_parameters(copies.lm)[name].bfloat16().float())
-
-
 def test_training_goes_on_from_an_adapter(model, tmp_path):
     corpus = model.tokenizer(TEXT).input_ids
     cfg = TrainConfig(steps=2, batch_size=2, curriculum_steps=1, max_segments=3)
