@@ -47,7 +47,8 @@ class TrainConfig:
     lr_gate: float = _option(0.1, "learning rate of the gates and sharpness: few parameters that must move far")
     gate_init: float = _option(-3.0, "gate logit training starts from (converted models start closed, -10)")
     curriculum_steps: int = _option(80, "first steps whose keys only the memory can reach")
-    min_segments: int = _option(2, "shortest input, in segments")
+    min_segments: int = _option(2, "shortest input, in segments (raised to one past the local window: a row "
+                                   "that never reads the memory trains nothing)")
     max_segments: int = _option(12, "longest input, in segments")
     lm_fraction: float = _option(0.5, "share of every batch that is language modelling on long text: it keeps "
                                  "the gates shut wherever the memory would make the next token worse")
@@ -179,8 +180,11 @@ class Batches:
         [rows or 1, tokens], None without prefix_tokens) of one step."""
         cfg = self.cfg
         memory_only = step < cfg.curriculum_steps
-        lo = max(cfg.min_segments, self.reach + 1) if memory_only else cfg.min_segments
-        segments = lo if memory_only else self.rng.randint(lo, cfg.max_segments)
+        # rows of `reach` segments or fewer end before the memory is read: with the base model
+        # frozen their loss reaches no trained parameter (until the twentieth session such
+        # batches were drawn, and were steps of momentum alone)
+        lo = max(cfg.min_segments, self.reach + 1)
+        segments = lo if memory_only else self.rng.randint(lo, max(lo, cfg.max_segments))
         length = segments * self.n
         rows, labels = [], []
         n_lm = round(cfg.lm_fraction * cfg.batch_size) if segments > self.reach else 0

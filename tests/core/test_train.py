@@ -231,6 +231,18 @@ def test_train_writes_an_adapter_that_loads_and_resumes(model, tmp_path):
     assert more.exists() and len((tmp_path / "train.jsonl").read_text().splitlines()) == 4
 
 
+def test_every_batch_reads_the_memory(model, tmp_path):
+    """With the XL window a row of two segments ends before the memory is read, so its loss
+    reaches nothing that trains (on a CPU, without gradient checkpointing, backward failed
+    on such a batch): every batch is at least three segments long."""
+    cfg = TrainConfig(steps=40, batch_size=2, curriculum_steps=0, min_segments=2, max_segments=3, log_every=1)
+    batches = Batches(model, model.tokenizer(TEXT).input_ids, cfg)
+    assert {batches.next(step)[0].shape[1] // model.config.segment_len for step in range(40)} == {3}
+    rows = []
+    train(model, model.tokenizer(TEXT).input_ids, tmp_path, TrainConfig(**{**cfg.__dict__, "steps": 4}), log=rows.append)
+    assert all(row["segments"] == 3 for row in rows)
+
+
 def test_training_goes_on_from_an_adapter(model, tmp_path):
     corpus = model.tokenizer(TEXT).input_ids
     cfg = TrainConfig(steps=2, batch_size=2, curriculum_steps=1, max_segments=3)
