@@ -579,10 +579,9 @@ def test_the_shipped_adapter_loads_by_default_and_keeps_short_texts_near_the_bas
     import math
 
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from infini_core import gate_parameters, loading, memory_parameters
-    from infini_core.eval.perplexity import full_context_nll, stream_nll
+    from infini_core.eval.perplexity import base_model, full_context_nll, stream_nll
     from tests.datasets import fetch
 
     model = load_model(dtype=torch.float32, device="cpu")
@@ -596,7 +595,7 @@ def test_the_shipped_adapter_loads_by_default_and_keeps_short_texts_near_the_bas
 
     text = fetch("sentencepiece==0.2.3", "sentencepiece-0.2.3/test/botchan.txt", sdist=True).read_text()
     ids = model.tokenizer(text, add_special_tokens=False).input_ids
-    base = AutoModelForCausalLM.from_pretrained(loading.checkpoint_dir(loading.DEFAULT_MODEL), dtype=torch.float32)
+    base = base_model(model)  # (fp32 on the CPU, as the model)
     piece = ids[4096:8192]  # one excerpt: each 4,096-token read costs ~10 s of CI's 2 cores
     full, ours = full_context_nll(base, piece, "cpu").mean(), stream_nll(model, piece).mean()
     assert ours < stream_nll(closed, piece).mean()
