@@ -364,13 +364,18 @@ def paired_gaps(rows: Sequence[dict], mode: str = "both", resamples: int = 2000,
                      if (length, *q, mode) in f1s and (length, *q, other) in f1s]
             if not diffs:
                 continue
-            rng = random.Random(seed)
-            means = sorted(statistics.mean(rng.choices(diffs, k=len(diffs))) for _ in range(resamples))
+            low, high = mean_interval(diffs, resamples, seed)
             gaps.append({"target_tokens": length, "mode": mode, "other": other, "n": len(diffs),
-                         "gap": statistics.mean(diffs), "low": means[int(0.025 * resamples)],
-                         "high": means[int(0.975 * resamples) - 1], "wins": sum(d > 0 for d in diffs),
+                         "gap": statistics.mean(diffs), "low": low, "high": high, "wins": sum(d > 0 for d in diffs),
                          "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs)})
     return gaps
+
+
+def mean_interval(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% bootstrap interval of the mean of per-question values."""
+    rng = random.Random(seed)
+    means = sorted(statistics.mean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def gaps_table(gaps: Sequence[dict]) -> str:
