@@ -9,7 +9,8 @@ model's context, the base model reads it whole (full attention) the same two way
 same measure on a reader that forgets nothing, to show what there is to gain. Also "both"
 against retrieval alone (the passages from an empty state), the issue's comparison. Per
 question the gain in nats per answer token; the mean with a 95% bootstrap interval, and
-how many questions gain. JSON lines and a markdown table; run again with the same --out, it goes on where it stopped.
+how many questions gain. JSON lines and a markdown table. Run again with the same --out,
+it goes on where it stopped.
 
     python bench/qa_memory_gain.py --lengths 6144 --questions 20 --out OUT/qa_gain --data .gpu/data/qa
 """

@@ -19,7 +19,8 @@ from infini_core.stream import forward
 from tests.datasets import fetch
 from tests.tiny_models import save_tiny_checkpoint
 
-spec = importlib.util.spec_from_file_location("qa_memory_gain", Path(__file__).parents[2] / "bench" / "qa_memory_gain.py")
+BENCH = Path(__file__).parents[2] / "bench" / "qa_memory_gain.py"
+spec = importlib.util.spec_from_file_location("qa_memory_gain", BENCH)
 gain = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gain)
 
