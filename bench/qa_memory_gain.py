@@ -63,11 +63,15 @@ def from_snapshot(model, state, question: str, passages, answer_ids: list[int]) 
     return answer_logprob(logits[0, :-1], answer_ids)
 
 
-def full_attention(base, model, pages, question: str, passages, answer_ids: list[int]) -> float | None:
-    """The same from the base model reading the pages, prompt and answer in one forward; None
-    where they do not fit its context."""
-    ids = (list(chain(*document_tokens(model, [t for _, t in page_texts(pages)], at_start=True)))
-           + prompt_ids(model, question, passages, mid_stream=True) + answer_ids)
+def haystack_ids(model, pages) -> list[int]:
+    """The token stream `ingest` reads from these pages, tokenized once for every reader of it."""
+    return list(chain(*document_tokens(model, [t for _, t in page_texts(pages)], at_start=True)))
+
+
+def full_attention(base, model, document: list[int], question: str, passages, answer_ids: list[int]) -> float | None:
+    """The same from the base model reading the document's ids, prompt and answer in one
+    forward; None where they do not fit its context."""
+    ids = document + prompt_ids(model, question, passages, mid_stream=True) + answer_ids
     if len(ids) > base.config.max_position_embeddings:
         return None
     with torch.no_grad():
@@ -78,18 +82,18 @@ def full_attention(base, model, pages, question: str, passages, answer_ids: list
 
 def measure(model, base, sample, gold: list[str], k: int) -> dict:
     held, taken_out = sample.pages, without(sample.pages, gold)
-    texts = page_texts(held)
-    passages = passages_for(RetrievalIndex(chunk_pages(texts, model.tokenizer)).search(sample.question, k))
+    passages = passages_for(RetrievalIndex(chunk_pages(page_texts(held), model.tokenizer)).search(sample.question, k))
     answer_ids = model.tokenizer(sample.answers[0], add_special_tokens=False).input_ids
     row = {"id": sample.id, "target_tokens": sample.target_tokens, "depth": sample.depth, "answer": sample.answers[0],
            "answer_tokens": len(answer_ids), "recall": answer_found(passages, sample.gold_pages, sample.answers),
            "retrieval": from_snapshot(model, new_state(model), sample.question, passages, answer_ids)}
     for name, pages in (("with", held), ("without", taken_out)):
-        snapshot = ingest(model, [t for _, t in page_texts(pages)], new_state(model))
+        document = haystack_ids(model, pages)  # up to 1M tokens: tokenized once, read three ways
+        snapshot = ingest(model, document, new_state(model))
         row[f"memory_{name}"] = from_snapshot(model, snapshot, sample.question, [], answer_ids)
         row[f"both_{name}"] = from_snapshot(model, snapshot, sample.question, passages, answer_ids)
-        row[f"full_{name}"] = full_attention(base, model, pages, sample.question, [], answer_ids)
-        row[f"full_passages_{name}"] = full_attention(base, model, pages, sample.question, passages, answer_ids)
+        row[f"full_{name}"] = full_attention(base, model, document, sample.question, [], answer_ids)
+        row[f"full_passages_{name}"] = full_attention(base, model, document, sample.question, passages, answer_ids)
         row[f"tokens_{name}"] = snapshot.tokens
     return row
 

@@ -76,13 +76,14 @@ def test_full_attention_scores_with_the_base_model_and_only_where_it_fits(model)
     base = base_model(model)
     answer = tok("the old book", add_special_tokens=False).input_ids
     pages = [(1, "The keeper read."), (2, "The lamp room.")]
-    got = gain.full_attention(base, model, pages, "What did he read?", [], answer)
+    got = gain.full_attention(base, model, gain.haystack_ids(model, pages), "What did he read?", [], answer)
     ids = (tok("The keeper read.\n\nThe lamp room.\n\n", add_special_tokens=False).input_ids
            + prompt_ids(model, "What did he read?", [], mid_stream=True) + answer)
     with torch.no_grad():
         logits = base(input_ids=torch.tensor([ids])).logits[0]
     assert got == pytest.approx(scored(logits, ids, answer), abs=1e-5)
-    assert gain.full_attention(base, model, [(1, DOCUMENT * 3)], "What did he read?", [], answer) is None
+    too_long = gain.haystack_ids(model, [(1, DOCUMENT * 3)])
+    assert gain.full_attention(base, model, too_long, "What did he read?", [], answer) is None
 
 
 def test_the_haystack_without_its_gold_paragraph():
